@@ -1,0 +1,52 @@
+"""Entry point of the `vlm-chat` console script.
+
+Each layer owns its commands (`vlm_chat/commands.py`, `training/commands.py`,
+`serve/commands.py`) and registers them here; this file is the only place that
+knows all layers, so the core never imports training or serving code.
+Command modules import only argparse at top level: heavy imports happen inside
+the handlers, so `vlm-chat --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from serve import commands as serve_commands
+from training import commands as training_commands
+from vlm_chat import commands as core_commands
+from vlm_chat.errors import UserFacingError
+
+COMMAND_GROUPS = (core_commands, training_commands, serve_commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm-chat",
+        description="Talk with your images: ask, caption, train, classify, search and serve.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for group in COMMAND_GROUPS:
+        group.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserFacingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

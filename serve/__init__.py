@@ -1,0 +1,1 @@
+"""Serving: Gradio chat UI and OpenAI-compatible API."""

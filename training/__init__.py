@@ -1,0 +1,1 @@
+"""Training: data loading, projector alignment, LoRA instruction tuning and CLIP pretraining."""

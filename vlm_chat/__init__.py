@@ -1,0 +1,1 @@
+"""vlm-chat core: image -> pixel_values -> vision features -> projector -> LLM embeddings -> text."""

@@ -1,0 +1,213 @@
+"""The composed model, in one forward pass:
+
+    pixel_values (N, 3, S, S)
+      -> vision_tower   -> image_features (N, P, D_v)        vlm_chat/vision.py
+      -> projector      -> image_embeds   (N, P', D_lm)      adapters/projector.py
+      -> masked_scatter into the token embeddings at image-token positions
+      -> language_model (inputs_embeds (B, T, D_lm))         vlm_chat/language_model.py
+      -> logits (B, T, V)
+
+The model holds a vision model and a causal LM as attributes (composition, not
+inheritance), so any Hugging Face CLIP-style tower and any causal LM fit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adapters.projector import Projector
+from vlm_chat.config import VLMConfig
+from vlm_chat.devices import pick_device, pick_dtype
+from vlm_chat.errors import ConfigError, ImageTokenMismatchError
+from vlm_chat.images import make_image_processor
+from vlm_chat.language_model import (
+    fit_embeddings_to_tokenizer,
+    llm_source_dir,
+    load_language_model,
+    load_tokenizer,
+    resolve_local,
+)
+from vlm_chat.processor import VLMProcessor
+from vlm_chat.vision import VisionTower, image_normalisation, load_vision_tower
+
+PROJECTOR_WEIGHTS = "projector.safetensors"
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(
+        self,
+        config: VLMConfig,
+        vision_tower: VisionTower,
+        projector: Projector,
+        language_model: nn.Module,
+        image_token_id: int,
+    ):
+        super().__init__()
+        self.config = config
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.language_model = language_model
+        self.image_token_id = image_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.get_input_embeddings().weight.device
+
+    @property
+    def max_context(self) -> int:
+        llm_limit = getattr(self.language_model.config, "max_position_embeddings", None) or self.config.max_context
+        return min(self.config.max_context, llm_limit)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> image embeddings (N, P', D_lm) in the LLM's input space."""
+        features = self.vision_tower(pixel_values.to(self.device))  # (N, P, D_v)
+        weight = self.projector.mlp.linear_1.weight
+        return self.projector(features.to(weight.dtype))  # (N, P', D_lm)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image embeddings scattered into the image-token positions."""
+        input_ids = input_ids.to(self.device)
+        inputs_embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, T, D_lm)
+        image_mask = input_ids == self.image_token_id  # (B, T)
+        slots = int(image_mask.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if slots:
+                raise ImageTokenMismatchError(
+                    f"the input has {slots} image-token positions but no images were given"
+                )
+            return inputs_embeds
+        image_embeds = self.get_image_features(pixel_values)  # (N, P', D_lm)
+        if slots != image_embeds.shape[0] * image_embeds.shape[1]:
+            raise ImageTokenMismatchError(
+                f"the input has {slots} image-token positions but {image_embeds.shape[0]} image(s) give "
+                f"{image_embeds.shape[0]} x {image_embeds.shape[1]} embeddings; build inputs with the "
+                "bundle's processor, which expands each placeholder to the right count"
+            )
+        return inputs_embeds.masked_scatter(
+            image_mask.unsqueeze(-1), image_embeds.to(inputs_embeds.dtype)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        if labels is not None:
+            labels = labels.to(self.device)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    # -- files -----------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, processor: VLMProcessor | None = None) -> None:
+        """Config JSON + projector safetensors (+ processor files); towers stay referenced."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
+        save_file(state, str(directory / PROJECTOR_WEIGHTS), metadata={"format": "pt"})
+        if processor is not None:
+            processor.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantization: str | None = None,
+    ) -> tuple[VisionLanguageModel, VLMProcessor]:
+        """Load a bundle: the model and its processor, exactly as saved."""
+        directory = Path(directory)
+        config = VLMConfig.load(directory)
+        processor = VLMProcessor.from_pretrained(directory, config)
+        model = cls.assemble(config, processor.tokenizer, directory, device, dtype, quantization)
+        weights = directory / PROJECTOR_WEIGHTS
+        if not weights.is_file():
+            raise ConfigError(f"{directory}: {PROJECTOR_WEIGHTS} is missing; the bundle is incomplete")
+        missing, unexpected = model.projector.load_state_dict(load_file(str(weights)), strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"{weights}: weights do not fit projector {config.projector.type!r} "
+                f"(missing {missing}, unexpected {unexpected})"
+            )
+        if model.projector_tokens != config.num_image_tokens:
+            raise ConfigError(
+                f"{directory}: config says {config.num_image_tokens} image tokens but the vision tower and "
+                f"projector give {model.projector_tokens}; rebuild the bundle"
+            )
+        return model, processor
+
+    @classmethod
+    def assemble(
+        cls,
+        config: VLMConfig,
+        tokenizer,
+        base_dir: Path | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantization: str | None = None,
+    ) -> VisionLanguageModel:
+        """Load both towers and create the projector (randomly initialised)."""
+        torch_device = pick_device(device)
+        torch_dtype = pick_dtype(dtype, torch_device)
+        vision_path = resolve_local(config.vision.name_or_path, base_dir)
+        vision = load_vision_tower(config.vision, vision_path, torch_dtype, torch_device)
+        llm = load_language_model(
+            llm_source_dir(config.llm, base_dir),
+            quantization or config.llm.quantization,
+            torch_dtype,
+            torch_device,
+        )
+        fit_embeddings_to_tokenizer(llm, len(tokenizer))
+        # The projector trains in fp32 on CPU and in the compute dtype on GPU.
+        projector = Projector(config.projector, vision.hidden_size, llm.config.hidden_size)
+        projector.to(device=torch_device, dtype=torch_dtype)
+        model = cls(config, vision, projector, llm, tokenizer.convert_tokens_to_ids(config.image_token))
+        model.eval()
+        return model
+
+    @property
+    def projector_tokens(self) -> int:
+        return self.projector.num_output_tokens(self.vision_tower.num_tokens)
+
+
+def build_bundle(
+    config: VLMConfig,
+    out: str | Path,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> tuple[VisionLanguageModel, VLMProcessor]:
+    """Assemble an untrained bundle (random projector) from a vision tower and an LLM."""
+    out = Path(out)
+    source = llm_source_dir(config.llm)
+    tokenizer = load_tokenizer(source)
+    if config.image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)
+    model = VisionLanguageModel.assemble(config, tokenizer, None, device, dtype, quantization="none")
+    config.num_image_tokens = model.projector_tokens
+    norm = image_normalisation(resolve_local(config.vision.name_or_path, None), model.vision_tower.model)
+    image_processor = make_image_processor(norm.image_size, norm.image_mean, norm.image_std, config.image)
+    processor = VLMProcessor(tokenizer, image_processor, config.num_image_tokens, config.image_token, config.system_prompt)
+    model.save_pretrained(out, processor)
+    return model, processor
+
+
+def absolute_if_local(name_or_path: str) -> str:
+    """Local paths become absolute so a bundle works from any working directory;
+    anything that is not an existing path is kept as a hub id."""
+    return os.path.abspath(name_or_path) if os.path.exists(name_or_path) else name_or_path
