@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         result = args.func(args)
     except KeyboardInterrupt:
@@ -46,6 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages are enough; hide the libraries' per-load ones."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

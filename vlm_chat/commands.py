@@ -95,10 +95,13 @@ def _register_ask(subparsers) -> None:
 
 def _ask(args) -> int:
     from vlm_chat.chat import ChatSession
+    from vlm_chat.images import load_image
 
+    images = [load_image(path) for path in args.image]  # fail on a bad file before loading the model
+    settings = settings_from_args(args)
     model, processor = load_model(args)
-    session = ChatSession(model, processor, settings_from_args(args), system_prompt=args.system)
-    for piece in session.reply(args.question, images=args.image):
+    session = ChatSession(model, processor, settings, system_prompt=args.system)
+    for piece in session.reply(args.question, images=images):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

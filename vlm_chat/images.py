@@ -28,16 +28,12 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
     """Open a path, raw bytes or PIL image and return an upright RGB image."""
     name = str(source) if isinstance(source, (str, Path)) else "image"
     if isinstance(source, Image.Image):
-        image = source
-    else:
-        try:
-            data = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
-        except OSError as err:
-            raise ImageError(f"{name}: cannot open ({err.strerror or err})") from None
-        try:
+        return to_rgb(source)
+    opened = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with Image.open(opened) as image:
             # Pillow's own bomb check only warns below 2x its limit; check ourselves
-            # before decoding the pixel data.
-            image = Image.open(data)
+            # from the header, before the pixel data is decoded.
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(
@@ -45,9 +41,19 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
                     "downscale the image first"
                 )
             image.load()
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as err:
-            raise ImageError(f"{name}: not a readable image ({err}); use PNG, JPEG, WebP, GIF or BMP") from None
-    return to_rgb(image)
+            return to_rgb(image)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a folder, not an image file") from None
+    except PermissionError:
+        raise ImageError(f"{name}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a readable image (unknown format); use PNG, JPEG, WebP, GIF or BMP") from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"{name}: not a readable image ({err}); the file may be truncated or corrupt") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

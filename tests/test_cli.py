@@ -1,0 +1,93 @@
+"""The `vlm-chat` command line, run in-process on tiny towers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from cli.main import build_parser, main
+
+
+def subcommands():
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+@pytest.mark.parametrize("command", subcommands())
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: vlm-chat" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def cli_bundle(tiny_parts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "bundle"
+    assert main(["build", "--vision", str(tiny_parts["vision"]), "--llm", str(tiny_parts["llm"]),
+                 "--projector", "linear", "--max-context", "256", "--out", str(out)]) == 0
+    return out
+
+
+def test_build_writes_a_bundle(cli_bundle):
+    config = json.loads((cli_bundle / "vlm_config.json").read_text())
+    assert config["projector"]["type"] == "linear"
+    assert config["num_image_tokens"] == 16
+
+
+def test_ask_streams_an_answer(cli_bundle, tmp_path, capsys):
+    image = tmp_path / "red.png"
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(image)
+    assert main(["ask", "--model", str(cli_bundle), "--image", str(image), "--max-new-tokens", "5",
+                 "--stats", "what is in this image ?"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n")
+    assert "prompt tokens" in captured.err
+
+
+def test_ask_without_model_or_with_bad_image_is_one_clear_line(cli_bundle, tmp_path, capsys):
+    assert main(["ask", "what ?"]) == 2
+    assert "no --model given" in capsys.readouterr().err
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("nope")
+    assert main(["ask", "--model", str(cli_bundle), "--image", str(bad), "what ?"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.jpg: not a readable image" in err
+
+
+def test_caption_folder_to_jsonl_skips_bad_files(cli_bundle, tmp_path, capsys):
+    folder = tmp_path / "pics"
+    (folder / "sub").mkdir(parents=True)
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (12, 12), colour).save(folder / ("sub" if i == 2 else ".") / f"img{i}.png")
+    (folder / "broken.png").write_text("not a png")
+    out = tmp_path / "captions.jsonl"
+    code = main(["caption", str(folder), "--model", str(cli_bundle), "--out", str(out),
+                 "--max-new-tokens", "4", "--batch-size", "2"])
+    assert code == 1  # one unreadable file
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["image"].rsplit("/", 1)[-1] for r in rows) == ["img0.png", "img1.png", "img2.png"]
+    assert all(isinstance(r["caption"], str) for r in rows)
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_caption_to_stdout(cli_bundle, tmp_path, capsys):
+    image = tmp_path / "one.png"
+    Image.new("RGB", (12, 12)).save(image)
+    assert main(["caption", str(image), "--model", str(cli_bundle), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}\t")
+
+
+def test_export_command(cli_bundle, tmp_path):
+    assert main(["export", "--model", str(cli_bundle), "--format", "hf-llava", "--out", str(tmp_path / "llava")]) == 0
+    assert json.loads((tmp_path / "llava" / "config.json").read_text())["model_type"] == "llava"
+
+
+def test_build_rejects_a_non_gguf_file(tiny_parts, tmp_path, capsys):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04")
+    assert main(["build", "--vision", str(tiny_parts["vision"]), "--llm", str(fake), "--out", str(tmp_path / "b")]) == 2
+    assert "not GGUF" in capsys.readouterr().err

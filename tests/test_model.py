@@ -1,0 +1,162 @@
+"""Contracts of the composed model on tiny random towers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.projector import PROJECTORS, Projector
+from tests.conftest import build_tiny_bundle
+from vlm_chat.chat import user_message
+from vlm_chat.config import ProjectorConfig, VLMConfig
+from vlm_chat.errors import ConfigError, ImageTokenMismatchError
+from vlm_chat.model import VisionLanguageModel
+
+
+def ask(processor, text, images=()):
+    return processor([user_message(text, images)])
+
+
+def test_shapes_through_each_stage(tiny_bundle, images):
+    _, model, processor = tiny_bundle
+    inputs = ask(processor, "what is in this image ?", images[:1])
+    pixel_values = inputs["pixel_values"]
+    assert pixel_values.shape == (1, 3, 16, 16)
+    features = model.vision_tower(pixel_values)
+    assert features.shape == (1, 16, 32)  # 4x4 patches, CLS dropped, D_v = 32
+    image_embeds = model.get_image_features(pixel_values)
+    assert image_embeds.shape == (1, 16, 32)  # D_lm = 32
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 16
+    logits = model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
+
+
+def test_image_embeddings_land_at_image_positions(tiny_bundle, images):
+    _, model, processor = tiny_bundle
+    inputs = ask(processor, "what ?", images[:1])
+    embeds = model.embed(inputs["input_ids"], inputs["pixel_values"])
+    mask = inputs["input_ids"][0] == processor.image_token_id
+    torch.testing.assert_close(embeds[0, mask], model.get_image_features(inputs["pixel_values"])[0])
+    text_ids = inputs["input_ids"][0, ~mask]
+    torch.testing.assert_close(embeds[0, ~mask], model.language_model.get_input_embeddings()(text_ids))
+
+
+def test_count_mismatch_is_a_clear_error(tiny_bundle, images):
+    _, model, processor = tiny_bundle
+    with pytest.raises(ImageTokenMismatchError, match="2 <image> placeholder.*1 image"):
+        processor([{"role": "user", "content": [
+            {"type": "text", "text": "<image> compare"}, {"type": "image", "image": images[0]},
+        ]}])
+    inputs = ask(processor, "two ?", images)
+    with pytest.raises(ImageTokenMismatchError, match="32 image-token positions but 1 image"):
+        model(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"][:1])
+    with pytest.raises(ImageTokenMismatchError, match="no images"):
+        model(inputs["input_ids"], inputs["attention_mask"])
+
+
+def test_several_images_in_one_conversation(tiny_bundle, images):
+    _, model, processor = tiny_bundle
+    conversation = [
+        user_message("first ?", images[:1]),
+        {"role": "assistant", "content": "a red one"},
+        user_message("and this ?", images[1:]),
+    ]
+    inputs = processor(conversation)
+    assert inputs["pixel_values"].shape[0] == 2
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 32
+    # Swapping the images changes the answer's logits: each image reaches its own slots.
+    swapped = processor([dict(conversation[0], content=user_message("first ?", images[1:])["content"]),
+                         conversation[1], dict(conversation[2], content=user_message("and this ?", images[:1])["content"])])
+    assert not torch.allclose(model(**inputs).logits[0, -1], model(**swapped).logits[0, -1])
+
+
+def test_batch_left_padding_matches_single(tiny_bundle, images):
+    _, model, processor = tiny_bundle
+    short = [user_message("hi", images[:1])]
+    long = [user_message("what is in this image ? describe the picture", images[1:])]
+    batch = processor([short, long])
+    assert batch["attention_mask"][0, 0] == 0  # left padded
+    single = processor(short)
+    batched_logits = model(**batch).logits[0, -1]
+    torch.testing.assert_close(batched_logits, model(**single).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_save_load_round_trip_gives_identical_logits(tiny_bundle, images, tmp_path):
+    path, model, processor = tiny_bundle
+    inputs = ask(processor, "what is in this image ?", images)
+    loaded, loaded_processor = VisionLanguageModel.from_pretrained(path, device="cpu")
+    again = loaded_processor([user_message("what is in this image ?", images)])
+    assert torch.equal(inputs["input_ids"], again["input_ids"])
+    assert torch.equal(model(**inputs).logits, loaded(**again).logits)
+    # save -> load of the loaded model is stable too
+    loaded.save_pretrained(tmp_path / "copy", loaded_processor)
+    third, _ = VisionLanguageModel.from_pretrained(tmp_path / "copy", device="cpu")
+    assert torch.equal(model(**inputs).logits, third(**inputs).logits)
+
+
+def test_bundle_files_are_json_and_safetensors_only(tiny_bundle):
+    path, _, _ = tiny_bundle
+    suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".safetensors", ".jinja"}, suffixes
+
+
+@pytest.mark.parametrize("reduction, width, tokens", [("avg_pool", 32, 4), ("pixel_shuffle", 128, 4), ("none", 32, 16)])
+def test_token_reduction_sets_image_token_count(tiny_parts, tmp_path, images, reduction, width, tokens):
+    model, processor = build_tiny_bundle(tiny_parts, tmp_path / "b", reduction=reduction)
+    assert model.config.num_image_tokens == tokens == processor.num_image_tokens
+    assert model.projector.mlp.linear_1.in_features == width
+    inputs = ask(processor, "what ?", images[:1])
+    assert model.get_image_features(inputs["pixel_values"]).shape == (1, tokens, 32)
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_projector_variants_and_unknown_key():
+    for name in PROJECTORS:
+        out = Projector(ProjectorConfig(type=name), 8, 12)(torch.randn(2, 4, 8))
+        assert out.shape == (2, 4, 12)
+    with pytest.raises(ConfigError, match="choose one of: linear, mlp2x_gelu"):
+        Projector(ProjectorConfig(type="mlp3x"), 8, 12)
+    with pytest.raises(ConfigError, match="avg_pool, pixel_shuffle"):
+        Projector(ProjectorConfig(token_reduction="pool9"), 8, 12)
+    with pytest.raises(ConfigError, match="does not divide"):
+        Projector(ProjectorConfig(token_reduction="avg_pool", reduction_factor=3), 8, 12)(torch.randn(1, 16, 8))
+
+
+def test_feature_layer_and_cls_choice(tiny_parts, tmp_path, images):
+    model, processor = build_tiny_bundle(tiny_parts, tmp_path / "b", feature_layer=-1, select_strategy="full")
+    assert processor.num_image_tokens == 17  # 16 patches + CLS
+    pixel_values = ask(processor, "x", images[:1])["pixel_values"]
+    out = model.vision_tower.model(pixel_values, output_hidden_states=True)
+    torch.testing.assert_close(model.vision_tower(pixel_values), out.hidden_states[-1])
+
+
+def test_full_clip_model_dir_loads_its_vision_half(tiny_parts, tmp_path, images):
+    parts = dict(tiny_parts, vision=tiny_parts["clip_full"])
+    model, processor = build_tiny_bundle(parts, tmp_path / "b")
+    assert type(model.vision_tower.model).__name__ == "CLIPVisionModel"
+    from transformers import CLIPModel
+
+    full = CLIPModel.from_pretrained(tiny_parts["clip_full"])
+    pixel_values = ask(processor, "x", images[:1])["pixel_values"]
+    expected = full.vision_model(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(model.vision_tower(pixel_values), expected)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="unknown field.*'colour'"):
+        VLMConfig.from_dict({"vision": {"name_or_path": "x"}, "llm": {"name_or_path": "y"}, "colour": 1})
+    with pytest.raises(ConfigError, match="vision: unknown field.*'layer'"):
+        VLMConfig.from_dict({"vision": {"name_or_path": "x", "layer": 1}, "llm": {"name_or_path": "y"}})
+    with pytest.raises(ConfigError, match="not a vlm-chat bundle"):
+        VLMConfig.load(tmp_path)
+
+
+def test_llama_style_chat_template(tiny_parts, tmp_path, images):
+    parts = dict(tiny_parts, llm=tiny_parts["llm_llama2"])
+    model, processor = build_tiny_bundle(parts, tmp_path / "b")
+    text, found = processor.render([user_message("what ?", images[:1])])
+    assert text.startswith("<s>[INST] <image>\nwhat ? [/INST]")
+    inputs = processor([user_message("what ?", images[:1])])
+    assert inputs["input_ids"][0, 0] == processor.tokenizer.bos_token_id
+    assert (inputs["input_ids"][0] == processor.tokenizer.bos_token_id).sum() == 1  # no double BOS
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
