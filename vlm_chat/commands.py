@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_caption(subparsers)
     _register_build(subparsers)
     _register_export(subparsers)
+    _register_merge(subparsers)
 
 
 # -- shared flag groups ----------------------------------------------------------------
@@ -349,4 +350,25 @@ def _export(args) -> int:
     model, processor = VisionLanguageModel.from_pretrained(args.model, device="cpu", dtype="auto", quantization="none")
     export_hf_llava(model, processor, args.out)
     print(f"wrote {args.out}: load it with LlavaForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained")
+    return 0
+
+
+def _register_merge(subparsers) -> None:
+    p = subparsers.add_parser(
+        "merge", help="fold a bundle's LoRA adapter into the LLM weights (for export and faster inference)"
+    )
+    p.add_argument("--model", required=True, help="bundle with an adapter (output of `vlm-chat train --stage instruct`)")
+    p.add_argument("--out", required=True, help="new bundle directory; the LLM is stored in it as safetensors")
+    p.set_defaults(func=_merge)
+
+
+def _merge(args) -> int:
+    from vlm_chat.errors import UserFacingError
+    from vlm_chat.model import VisionLanguageModel
+
+    model, processor = VisionLanguageModel.from_pretrained(args.model, device="cpu", quantization="none")
+    if not model.config.adapter:
+        raise UserFacingError(f"{args.model} has no LoRA adapter to merge")
+    model.save_pretrained(args.out, processor, save_llm=True)
+    print(f"wrote {args.out}: LoRA merged into the LLM")
     return 0

@@ -82,6 +82,8 @@ class VLMConfig:
     # Upper bound on prompt + new tokens; the LLM's own limit applies if smaller.
     max_context: int = 2048
     system_prompt: str | None = None
+    # Folder (relative to the bundle) of a peft LoRA adapter for the LLM, if any.
+    adapter: str | None = None
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from adapters.lora import merge_lora
 from vlm_chat.errors import ConfigError
 
 # Rewrites list-of-parts content into the string form the LLM's own chat template
@@ -61,6 +62,7 @@ def check_exportable(model) -> None:
 @torch.no_grad()
 def export_hf_llava(model, processor, out: str | Path) -> Path:
     check_exportable(model)
+    model.language_model = merge_lora(model.language_model)  # Llava has no adapter slot
     out = Path(out)
     vision = model.vision_tower
     llm = model.language_model

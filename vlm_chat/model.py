@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adapters.lora import is_lora, load_lora, merge_lora
 from adapters.projector import Projector
-from vlm_chat.config import VLMConfig
+from vlm_chat.config import LLMConfig, VLMConfig
 from vlm_chat.devices import pick_device, pick_dtype
 from vlm_chat.errors import ConfigError, ImageTokenMismatchError
 from vlm_chat.images import make_image_processor
@@ -36,6 +37,9 @@ from vlm_chat.processor import VLMProcessor
 from vlm_chat.vision import VisionTower, image_normalisation, load_vision_tower
 
 PROJECTOR_WEIGHTS = "projector.safetensors"
+ADAPTER_DIR = "adapter"
+LLM_DIR = "llm"
+VISION_DIR = "vision"
 
 
 class VisionLanguageModel(nn.Module):
@@ -109,13 +113,41 @@ class VisionLanguageModel(nn.Module):
 
     # -- files -----------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path, processor: VLMProcessor | None = None) -> None:
-        """Config JSON + projector safetensors (+ processor files); towers stay referenced."""
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        processor: VLMProcessor | None = None,
+        save_llm: bool = False,
+        save_vision: bool = False,
+    ) -> None:
+        """Config JSON + projector safetensors (+ LoRA adapter, + processor files).
+
+        The towers stay references unless they were trained: `save_llm` / `save_vision`
+        copy them into the bundle as safetensors (LoRA on the vision tower is merged
+        first; LoRA on the LLM is kept as an adapter unless `save_llm`).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory)
         state = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
         save_file(state, str(directory / PROJECTOR_WEIGHTS), metadata={"format": "pt"})
+        if save_vision:
+            self.vision_tower.model = merge_lora(self.vision_tower.model)
+            self.vision_tower.model.save_pretrained(directory / VISION_DIR)
+            self.config.vision.name_or_path = VISION_DIR
+        if save_llm:
+            self.language_model = merge_lora(self.language_model)
+            self.language_model.save_pretrained(directory / LLM_DIR)
+            self.config.llm = LLMConfig(name_or_path=LLM_DIR, quantization=self.config.llm.quantization)
+            self.config.adapter = None
+        elif is_lora(self.language_model):
+            # The embedding rows added for <image> are zeros recreated at load; not saved.
+            self.language_model.save_pretrained(directory / ADAPTER_DIR, save_embedding_layers=False)
+            self.config.adapter = ADAPTER_DIR
+        portable = VLMConfig.from_dict(self.config.to_dict())
+        portable.vision.name_or_path = _relative_if_inside(portable.vision.name_or_path, directory)
+        if not portable.llm.package:
+            portable.llm.name_or_path = _relative_if_inside(portable.llm.name_or_path, directory)
+        portable.save(directory)
         if processor is not None:
             processor.save_pretrained(directory)
 
@@ -130,6 +162,10 @@ class VisionLanguageModel(nn.Module):
         """Load a bundle: the model and its processor, exactly as saved."""
         directory = Path(directory)
         config = VLMConfig.load(directory)
+        # Refs relative to the bundle become absolute, so a re-save elsewhere still finds them.
+        config.vision.name_or_path = absolute_if_local(resolve_local(config.vision.name_or_path, directory))
+        if not config.llm.package:
+            config.llm.name_or_path = absolute_if_local(resolve_local(config.llm.name_or_path, directory))
         processor = VLMProcessor.from_pretrained(directory, config)
         model = cls.assemble(config, processor.tokenizer, directory, device, dtype, quantization)
         weights = directory / PROJECTOR_WEIGHTS
@@ -141,6 +177,9 @@ class VisionLanguageModel(nn.Module):
                 f"{weights}: weights do not fit projector {config.projector.type!r} "
                 f"(missing {missing}, unexpected {unexpected})"
             )
+        if config.adapter:
+            model.language_model = load_lora(model.language_model, resolve_local(config.adapter, directory))
+            model.language_model.eval()
         if model.projector_tokens != config.num_image_tokens:
             raise ConfigError(
                 f"{directory}: config says {config.num_image_tokens} image tokens but the vision tower and "
@@ -205,6 +244,16 @@ def build_bundle(
     processor = VLMProcessor(tokenizer, image_processor, config.num_image_tokens, config.image_token, config.system_prompt)
     model.save_pretrained(out, processor)
     return model, processor
+
+
+def _relative_if_inside(name_or_path: str, directory: Path) -> str:
+    """A ref inside the bundle is written relative to it, so the bundle can move."""
+    if os.path.isabs(name_or_path):
+        path = Path(name_or_path).resolve()
+        root = Path(directory).resolve()
+        if path == root or root in path.parents:
+            return str(path.relative_to(root))
+    return name_or_path
 
 
 def absolute_if_local(name_or_path: str) -> str:

@@ -1,0 +1,136 @@
+"""The shared training loop: learning, exact resume, atomic checkpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from training.trainer import TrainConfig, list_checkpoints, param_groups, read_checkpoint, train, write_checkpoint
+
+
+def make_data(n: int = 40) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=g)  # (N, 4)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1  # (N, 1)
+    return TensorDataset(x, y)
+
+
+def make_model() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(4, 1)
+
+
+def noisy_mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    x = x + 0.05 * torch.randn_like(x)  # augmentation on the global RNG: resume must restore it
+    return nn.functional.mse_loss(model(x), y)
+
+
+def config(tmp_path, name: str, **overrides) -> TrainConfig:
+    base = dict(output_dir=str(tmp_path / name), max_steps=12, batch_size=4, grad_accum=2, lr=0.05,
+                warmup=2, log_every=1, seed=3)
+    return TrainConfig(**{**base, **overrides})
+
+
+def run(cfg: TrainConfig, loss_fn=noisy_mse, model: nn.Module | None = None) -> nn.Module:
+    model = model or make_model()
+    train(model, loss_fn, param_groups(model, weight_decay=0.01), make_data(), None, cfg, eval_dataset=make_data(8))
+    return model
+
+
+def test_loss_falls(tmp_path):
+    cfg = config(tmp_path, "fall", max_steps=60, lr=0.3, eval_every=10)
+    run(cfg)
+    rows = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.2 * losses[0]
+    assert any("eval_loss" in r for r in rows)
+    assert os.path.getsize(os.path.join(cfg.output_dir, "loss.png")) > 1000
+
+
+def failing_after(batches: int, error: Exception | None):
+    """noisy_mse that fails (or sends SIGTERM to itself) on micro-batch number `batches`."""
+    seen = {"n": 0}
+
+    def loss_fn(model, batch):
+        seen["n"] += 1
+        if seen["n"] == batches:
+            if error is None:
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise error
+        return noisy_mse(model, batch)
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_sigterm_then_resume_matches_straight_run(tmp_path, grad_accum):
+    straight = run(config(tmp_path, "straight", grad_accum=grad_accum))
+    cfg = config(tmp_path, "killed", grad_accum=grad_accum)
+    with pytest.raises(KeyboardInterrupt):  # SIGTERM mid-accumulation: finish the step, save, exit
+        run(cfg, failing_after(5 * grad_accum + 1, None))
+    assert read_checkpoint(list_checkpoints(cfg.output_dir)[-1])["trainer"]["step"] == 6
+    cfg.resume = "latest"
+    resumed = run(cfg)
+    torch.testing.assert_close(resumed.state_dict(), straight.state_dict(), rtol=1e-6, atol=1e-7)
+
+
+def test_crash_then_resume_from_periodic_checkpoint(tmp_path):
+    straight = run(config(tmp_path, "straight", max_steps=15))  # 40 samples / 4 = 10 batches: crosses epochs
+    cfg = config(tmp_path, "crashed", max_steps=15, save_every=4, keep_last=2)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(cfg, failing_after(2 * 10 + 1, RuntimeError("power cut")))  # dies in step 11, after saving step 8
+    assert [p.name for p in list_checkpoints(cfg.output_dir)] == ["step-00000004", "step-00000008"]
+    cfg.resume = "latest"
+    resumed = run(cfg)
+    torch.testing.assert_close(resumed.state_dict(), straight.state_dict(), rtol=1e-6, atol=1e-7)
+    metrics_steps = [json.loads(line)["step"] for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    assert metrics_steps == sorted(metrics_steps)  # records after the resumed step were dropped, not duplicated
+
+
+def test_failed_checkpoint_write_keeps_previous_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    ok = {"a.json": lambda p: p.write_text("1"), "b.json": lambda p: p.write_text("2")}
+    write_checkpoint(root, 1, ok, keep_last=3)
+
+    def explode(path):
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_checkpoint(root, 2, {"a.json": ok["a.json"], "b.json": explode}, keep_last=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
+    assert (root / "step-00000001" / "b.json").read_text() == "2"
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_leftover_temp_dir_from_a_kill_is_ignored(tmp_path):
+    cfg = config(tmp_path, "run", max_steps=4, save_every=2)
+    run(cfg)
+    stale = tmp_path / "run" / "checkpoints" / ".tmp-step-00000006-xyz"
+    stale.mkdir()
+    (stale / "trainable.safetensors").write_bytes(b"\0garbage")  # a kill in the middle of a write
+    assert list_checkpoints(cfg.output_dir)[-1].name == "step-00000004"
+
+
+def test_only_trainable_parameters_are_saved(tmp_path):
+    model = nn.Sequential(make_model(), nn.Linear(1, 1))
+    model[1].requires_grad_(False)
+    cfg = config(tmp_path, "frozen", max_steps=2)
+    train(model, noisy_mse, param_groups(model), make_data(), None, cfg)
+    saved = read_checkpoint(list_checkpoints(cfg.output_dir)[-1])["trainable"]
+    assert sorted(saved) == ["0.bias", "0.weight"]
+
+
+def test_existing_checkpoints_need_resume(tmp_path):
+    cfg = config(tmp_path, "twice", max_steps=2)
+    run(cfg)
+    with pytest.raises(Exception, match="--resume"):
+        run(cfg)

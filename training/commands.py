@@ -1,0 +1,244 @@
+"""Commands of this layer for the `vlm-chat` CLI (see cli/main.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add this layer's subcommands."""
+    _register_corpus(subparsers)
+    _register_train(subparsers)
+    _register_data(subparsers)
+
+
+def _register_corpus(subparsers: argparse._SubParsersAction) -> None:
+    corpus = subparsers.add_parser("corpus", help="build the offline image-text corpus")
+    actions = corpus.add_subparsers(dest="corpus_command", metavar="ACTION")
+    actions.required = True
+    build = actions.add_parser(
+        "build",
+        help="render images, captions and questions from Debian-packaged sources",
+        description="Write a deterministic image-text corpus (see docs/corpus.md). "
+        "Same seed, same flags: byte-identical files.",
+    )
+    build.add_argument("--out", required=True, help="output directory (created; a previous corpus there is replaced)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--scenes", type=int, default=None, help="composed scenes over all splits (default 60000)")
+    build.add_argument("--max-per-source", type=int, default=None,
+                       help="cap on Fashion-MNIST images, emoji glyphs and clip-art files each; 0 = all (default)")
+    build.add_argument("--canvas", type=int, default=None, help="image side in pixels (default 96)")
+    build.add_argument("--workers", type=int, default=2, help="render processes; output does not depend on it")
+    build.add_argument("--small", action="store_true", help="a seconds-sized corpus for tests and smoke runs")
+    build.set_defaults(func=_corpus_build)
+
+
+def _corpus_build(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from training.corpus import CorpusConfig, build_corpus
+    from vlm_chat.errors import UserFacingError
+
+    overrides = {k: v for k, v in (("scenes", args.scenes), ("max_per_source", args.max_per_source),
+                                   ("canvas", args.canvas)) if v is not None}
+    if args.canvas is not None and args.canvas < 48:
+        raise UserFacingError(f"--canvas {args.canvas} is too small: scenes need at least 48 px (16 px cells)")
+    out = Path(args.out)
+    if args.small:
+        cfg = CorpusConfig.small(out, seed=args.seed, workers=args.workers, **overrides)
+    else:
+        cfg = CorpusConfig(out=out, seed=args.seed, workers=args.workers, **overrides)
+    manifest = build_corpus(cfg)
+    summary = {k: manifest[k] for k in ("images", "captions", "triples", "labels_test", "build_seconds")}
+    print(json.dumps(summary, indent=1))
+    print(f"corpus written to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+
+# Flags shared by every stage: the fields of training.trainer.TrainConfig (`--out` is output_dir).
+TRAIN_FLAGS = (
+    ("--epochs", int, "passes over the training data (default 1)"),
+    ("--max-steps", int, "optimizer steps; > 0 overrides --epochs"),
+    ("--batch-size", int, "samples per micro-batch per device (default 8)"),
+    ("--grad-accum", int, "micro-batches per optimizer step (default 1)"),
+    ("--lr", float, "peak learning rate (default 1e-4)"),
+    ("--weight-decay", float, "AdamW weight decay on matrices (default 0)"),
+    ("--warmup", float, "warmup: a fraction of the steps if < 1, else a step count (default 0)"),
+    ("--schedule", str, "cosine | constant (default cosine)"),
+    ("--min-lr-ratio", float, "cosine floor as a fraction of the peak lr (default 0)"),
+    ("--max-grad-norm", float, "gradient clipping; 0 disables (default 1.0)"),
+    ("--log-every", int, "steps between metrics.jsonl records (default 10)"),
+    ("--eval-every", int, "steps between eval-loss measurements; 0 = at the end only"),
+    ("--eval-max-batches", int, "cap on eval batches; 0 = the whole eval split"),
+    ("--save-every", int, "steps between checkpoints; 0 = at the end only"),
+    ("--save-every-minutes", float, "also checkpoint after this many minutes; 0 = off"),
+    ("--keep-last", int, "checkpoints kept (default 2)"),
+    ("--seed", int, "seed of init, data order and augmentation (default 0)"),
+    ("--mixed-precision", str, "no | bf16 | fp16 (fp16 needs a GPU) (default no)"),
+    ("--num-workers", int, "data loader processes (default 0: exact resume of augmentation)"),
+)
+
+
+def _train_clip(settings: dict) -> int:
+    from training.clip import config_from_settings, run
+    from vlm_chat.errors import UserFacingError
+
+    for key in ("data", "val"):
+        if isinstance(settings.get(key), list):
+            if len(settings[key]) != 1:
+                raise UserFacingError(f"stage clip takes one --{key} captions file, got {len(settings[key])}")
+            settings[key] = settings[key][0]
+
+    run(config_from_settings(settings))
+    return 0
+
+
+def _train_vlm(stage: str, settings: dict) -> int:
+    from training.vlm import config_from_settings, run
+
+    run(config_from_settings(stage, settings))
+    return 0
+
+
+# Each stage takes the merged flat settings and parses them into its typed config.
+STAGES = {
+    "clip": _train_clip,
+    "align": lambda settings: _train_vlm("align", settings),
+    "instruct": lambda settings: _train_vlm("instruct", settings),
+}
+
+
+def _register_train(subparsers: argparse._SubParsersAction) -> None:
+    # SUPPRESS: only flags actually given reach the handler, so they can override --config values
+    train = subparsers.add_parser(
+        "train",
+        help="train a stage: clip (contrastive pretraining), align (projector), instruct (LoRA)",
+        description="Every stage runs the shared loop in training/trainer.py: checkpoints in OUT/checkpoints, "
+        "metrics.jsonl and loss.png in OUT. Keys of --config FILE.yaml are the flag names with underscores; "
+        "flags given on the command line win.",
+        argument_default=argparse.SUPPRESS,
+    )
+    train.add_argument("--stage", help=f"one of: {', '.join(STAGES)}")
+    train.add_argument("--config", help="YAML file of settings (same keys as the flags)")
+    train.add_argument("--out", help="output dir (checkpoints, metrics, final model)")
+    train.add_argument("--resume", nargs="?", const="latest",
+                       help="continue from the latest checkpoint in --out, or from the given checkpoint dir")
+    common = train.add_argument_group("trainer (all stages)")
+    for flag, kind, help_text in TRAIN_FLAGS:
+        common.add_argument(flag, type=kind, help=help_text)
+    vlm = train.add_argument_group("stages align and instruct")
+    vlm.add_argument("--model", help="bundle to start from (vlm-chat build, or an earlier stage's --out)")
+    vlm.add_argument("--vision", choices=["frozen", "lora", "full"], help="what trains in the vision tower")
+    vlm.add_argument("--projector", choices=["frozen", "full"], help="what trains in the projector")
+    vlm.add_argument("--llm", choices=["frozen", "lora", "full"], help="what trains in the LLM")
+    vlm.add_argument("--projector-lr", type=float, help="projector learning rate (instruct default 2e-5)")
+    vlm.add_argument("--vision-lr", type=float, help="vision tower learning rate (default --lr)")
+    vlm.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
+    vlm.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 32)")
+    vlm.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    vlm.add_argument("--lora-targets", nargs="+", help="module names for LoRA (default: all linear layers)")
+    vlm.add_argument("--qlora", action="store_true", help="load the LLM in 4-bit (bitsandbytes NF4) and train LoRA on it")
+    vlm.add_argument("--val-fraction", type=float, help="share of --data held out for eval loss when no --val (0.02)")
+    vlm.add_argument("--skip-bad", action="store_true", help="train on the good rows when some rows are bad")
+    vlm.add_argument("--device", help="auto, cpu, cuda ...")
+    clip = train.add_argument_group("stage clip")
+    clip.add_argument("--data", nargs="+",
+                      help="data file(s): clip/align take captions JSONL; instruct takes triples JSONL/CSV, "
+                      "captions JSONL or LLaVA JSON (paths relative to each file)")
+    clip.add_argument("--val", nargs="+", help="held-out data file(s) (clip default: captions_val.jsonl beside --data)")
+    clip.add_argument("--max-eval-samples", type=int, help="cap on held-out pairs for the eval loss (default 1000)")
+    clip.add_argument("--no-augment", dest="augment", action="store_false", help="no random resized crops")
+    clip.add_argument("--init", help="CLIP dir or hub id to continue from (default: from scratch)")
+    clip.add_argument("--loss", help="infonce (CLIP) | sigmoid (SigLIP) (default infonce)")
+    for flag, kind in (("--image-size", int), ("--patch-size", int), ("--vision-width", int), ("--vision-layers", int),
+                       ("--vision-heads", int), ("--text-width", int), ("--text-layers", int), ("--text-heads", int),
+                       ("--projection-dim", int), ("--vocab-size", int), ("--max-text-len", int)):
+        clip.add_argument(flag, type=kind, help="model size for a from-scratch CLIP (see docs/clip.md)")
+    train.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vlm_chat.errors import UserFacingError
+
+    settings: dict = {}
+    if "config" in args:
+        import yaml
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise UserFacingError(f"--config {path}: file not found")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise UserFacingError(f"--config {path}: expected a mapping of settings, got {type(loaded).__name__}")
+        settings.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    settings.update({k: v for k, v in vars(args).items() if k not in ("func", "command", "config")})
+    stage = settings.pop("stage", None)
+    if stage not in STAGES:
+        raise UserFacingError(f"unknown or missing stage {stage!r}; choose --stage one of: {', '.join(STAGES)}")
+    return STAGES[stage](settings)
+
+
+# ---------------------------------------------------------------- data check
+
+
+def _register_data(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="check training data before training on it")
+    actions = data.add_subparsers(dest="data_command", metavar="ACTION")
+    actions.required = True
+    check = actions.add_parser(
+        "check",
+        help="report every bad row (missing/unreadable images, empty turns, placeholder mismatch, too long, duplicate ids)",
+        description="Validate triples (JSONL/CSV), captions JSONL or LLaVA JSON. Exits 1 if any row is bad. "
+        "With --model, also counts each sample's tokens against that bundle's context.",
+    )
+    check.add_argument("files", nargs="+", help="data files")
+    check.add_argument("--model", help="bundle whose tokenizer and context limit to check lengths against")
+    check.add_argument("--fix-out", help="write the good rows here (JSONL, one row per line as read)")
+    check.set_defaults(func=_data_check)
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from collections import Counter
+
+    from training.data import Problem, check_images, load_samples, token_count
+
+    samples, problems = load_samples(args.files)
+    problems += check_images(samples, full_decode=True)
+    if args.model:
+        from vlm_chat.model import VisionLanguageModel
+
+        model, processor = VisionLanguageModel.from_pretrained(args.model, device="cpu", quantization="none")
+        limit = model.max_context
+        bad = {(p.file, p.row) for p in problems}
+        for sample in samples:
+            if (sample.file, sample.row) not in bad:
+                count = token_count(processor, sample)
+                if count > limit:
+                    problems.append(Problem(sample.file, sample.row, "-", f"{count} tokens, over the context of {limit}"))
+    for problem in sorted(problems, key=lambda p: (p.file, p.row)):
+        print(problem)
+    bad = {(p.file, p.row) for p in problems}
+    good = [s for s in samples if (s.file, s.row) not in bad]
+    kinds = Counter(p.message.split(":")[0] for p in problems)
+    print(f"{len(good)} good row(s), {len(bad)} bad row(s)" + (f" ({dict(kinds)})" if kinds else "")
+          + ("" if args.model else "; lengths not checked (pass --model BUNDLE)"))
+    if args.fix_out:
+        out_dir = os.path.dirname(os.path.abspath(args.fix_out))
+        with open(args.fix_out, "w") as out:
+            for sample in good:
+                row = dict(sample.raw)
+                # Keep image paths valid relative to the new file's folder.
+                if "image" in row and row["image"]:
+                    names = row["image"] if isinstance(row["image"], list) else [row["image"]]
+                    fixed = [os.path.relpath(os.path.join(os.path.dirname(sample.file), n), out_dir) for n in names]
+                    row["image"] = fixed if isinstance(row["image"], list) else fixed[0]
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"wrote {len(good)} good row(s) to {args.fix_out}")
+    return 1 if problems else 0
