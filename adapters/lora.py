@@ -52,12 +52,18 @@ def add_lora(module: nn.Module, settings: LoraSettings, quantized: bool = False)
         raise ConfigError(f"LoRA target modules {settings.target_modules!r} do not fit this model: {err}") from None
 
 
-def load_lora(module: nn.Module, directory: str | Path, trainable: bool = False) -> nn.Module:
+def load_lora(
+    module: nn.Module, directory: str | Path, trainable: bool = False, adapter_name: str = ADAPTER_NAME
+) -> nn.Module:
+    """Wrap `module` with the adapter saved in `directory`, or add it to an existing peft model."""
     from peft import PeftModel
 
     if not (Path(directory) / "adapter_config.json").is_file():
         raise ConfigError(f"{directory}: no LoRA adapter here (adapter_config.json is missing)")
-    return PeftModel.from_pretrained(module, str(directory), is_trainable=trainable)
+    if is_lora(module):
+        module.load_adapter(str(directory), adapter_name=adapter_name, is_trainable=trainable)
+        return module
+    return PeftModel.from_pretrained(module, str(directory), is_trainable=trainable, adapter_name=adapter_name)
 
 
 def is_lora(module: nn.Module) -> bool:

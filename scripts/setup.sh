@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES="dataset-fashion-mnist fonts-noto-color-emoji openclipart-png fonts-dejavu-core"
+# Data for the offline corpus, a font for rendered words, and Chromium for the browser test.
+DEBIAN_PACKAGES="dataset-fashion-mnist fonts-noto-color-emoji openclipart-png fonts-dejavu-core chromium"
 missing=""
 for pkg in $DEBIAN_PACKAGES; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"

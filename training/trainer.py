@@ -380,6 +380,85 @@ def _check_groups(model: nn.Module, groups: Sequence[dict]) -> list[dict]:
 # ---------------------------------------------------------------- the loop
 
 
+def _checkpoint_files(model, optimizer, scheduler, rng: tuple[dict, dict], trainer_state: dict) -> dict[str, Callable[[Path], None]]:
+    """{file name: writer(path)} for write_checkpoint: safetensors for tensors, JSON for the rest."""
+    from safetensors.torch import save_file
+
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = rng
+    return {
+        "trainable.safetensors": lambda p: save_file(trainable_state_dict(model), p),
+        "optimizer.safetensors": lambda p: save_file(opt_tensors, p),
+        "optimizer.json": lambda p: _write_json(p, opt_meta),
+        "scheduler.json": lambda p: _write_json(p, scheduler.state_dict()),
+        "rng.safetensors": lambda p: save_file(rng_tensors, p),
+        "rng.json": lambda p: _write_json(p, rng_meta),
+        "trainer_state.json": lambda p: _write_json(p, trainer_state),
+    }
+
+
+def _restore(path: Path, config: TrainConfig, model, optimizer, scheduler, data_generator) -> tuple[int, int, int]:
+    """Load a checkpoint into model/optimizer/scheduler/RNGs; returns (step, epoch, batches consumed in epoch)."""
+    saved = read_checkpoint(path)
+    for key in ("batch_size", "grad_accum", "seed"):
+        if saved["trainer"]["config"][key] != getattr(config, key):
+            raise ConfigError(
+                f"resume from {path}: {key}={getattr(config, key)} but the checkpoint used "
+                f"{saved['trainer']['config'][key]}; the same value is needed to continue the same data order"
+            )
+    result = model.load_state_dict(saved["trainable"], strict=False)
+    missing = {n for n, p in model.named_parameters() if p.requires_grad} - saved["trainable"].keys()
+    if result.unexpected_keys or missing:
+        raise UserFacingError(
+            f"checkpoint {path} does not match the model: unexpected {result.unexpected_keys[:5]}, "
+            f"missing {sorted(missing)[:5]}; resume with the same model setup"
+        )
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    _set_rng_state(*saved["rng"], data_generator)
+    return tuple(saved["trainer"][k] for k in ("step", "epoch", "batches_in_epoch"))
+
+
+def _evaluate(accelerator, model, loss_fn, eval_loader, max_batches: int) -> float | None:
+    """Mean loss per sample over the eval loader (all processes), without moving the training RNG."""
+    if eval_loader is None:
+        return None
+    model.eval()
+    totals = torch.zeros(2, device=accelerator.device)  # (sum of loss * n, n)
+    with torch.no_grad(), torch.random.fork_rng():
+        for i, batch in enumerate(eval_loader):
+            if max_batches and i >= max_batches:
+                break
+            with accelerator.autocast():
+                loss = loss_fn(model, batch)
+            n = _batch_len(batch)
+            totals += torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=totals.device)])
+    model.train()
+    totals = accelerator.reduce(totals, "sum")
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+class _MetricsLog:
+    """metrics.jsonl (one JSON object per log step / eval) + loss.png, written by the main process."""
+
+    def __init__(self, out: Path, resumed_step: int, enabled: bool):
+        self.path, self.png, self.enabled = out / "metrics.jsonl", out / "loss.png", enabled
+        if enabled:  # keep records up to the resumed step; later ones were written after the last save
+            kept = []
+            if resumed_step > 0 and self.path.exists():
+                kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resumed_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def plot(self) -> None:
+        if self.enabled:
+            plot_metrics(self.path, self.png)
+
+
 def train(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -392,7 +471,6 @@ def train(
     """Train `model` by minimising `loss_fn(model, batch)`; checkpoints and metrics go to config.output_dir."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     config.validate()
@@ -405,87 +483,34 @@ def train(
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resume_from = _resolve_resume(config)
-    groups = _check_groups(model, groups)
 
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_check_groups(model, groups), lr=config.lr, weight_decay=config.weight_decay)
     data_generator = torch.Generator().manual_seed(config.seed)  # keeps loader internals off the global RNG
     train_loader = DataLoader(
-        train_dataset,
-        batch_size=config.batch_size,
-        sampler=EpochPermutation(len(train_dataset), config.seed),
-        collate_fn=collate_fn,
-        num_workers=config.num_workers,
-        generator=data_generator,
+        train_dataset, batch_size=config.batch_size, sampler=EpochPermutation(len(train_dataset), config.seed),
+        collate_fn=collate_fn, num_workers=config.num_workers, generator=data_generator,
     )
     eval_loader = None
     if eval_dataset is not None:
-        eval_loader = DataLoader(eval_dataset, batch_size=config.batch_size, collate_fn=collate_fn)
+        eval_loader = accelerator.prepare(DataLoader(eval_dataset, batch_size=config.batch_size, collate_fn=collate_fn))
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
 
     batches_per_epoch = len(train_loader)  # per process, after sharding
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total_steps = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
     warmup_steps = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
-    # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate would
-    # step it num_processes times), so total_steps counts optimizer steps of one process.
+    # Stepped by hand once per optimizer step (not prepared: accelerate would step it
+    # num_processes times), so total_steps counts optimizer steps of one process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer.optimizer,
-        lambda s: lr_factor(s, total_steps, warmup_steps, config.schedule, config.min_lr_ratio),
+        optimizer.optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.schedule, config.min_lr_ratio)
     )
-
     step, epoch, batches_in_epoch = 0, 0, 0
     if resume_from is not None:
-        saved = read_checkpoint(resume_from)
-        for key in ("batch_size", "grad_accum", "seed"):
-            if saved["trainer"]["config"][key] != getattr(config, key):
-                raise ConfigError(
-                    f"resume from {resume_from}: {key}={getattr(config, key)} but the checkpoint used "
-                    f"{saved['trainer']['config'][key]}; the same value is needed to continue the same data order"
-                )
-        unwrapped = accelerator.unwrap_model(model)
-        result = unwrapped.load_state_dict(saved["trainable"], strict=False)
-        trainable = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
-        if result.unexpected_keys or trainable - saved["trainable"].keys():
-            raise UserFacingError(
-                f"checkpoint {resume_from} does not match the model: unexpected {result.unexpected_keys[:5]}, "
-                f"missing {sorted(trainable - saved['trainable'].keys())[:5]}; resume with the same model setup"
-            )
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        _set_rng_state(*saved["rng"], data_generator)
-        step, epoch, batches_in_epoch = (saved["trainer"][k] for k in ("step", "epoch", "batches_in_epoch"))
+        step, epoch, batches_in_epoch = _restore(
+            resume_from, config, accelerator.unwrap_model(model), optimizer, scheduler, data_generator
+        )
         accelerator.print(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batches_in_epoch})")
-
-    metrics_path, png_path = out / "metrics.jsonl", out / "loss.png"
-    if accelerator.is_main_process:  # drop records past the resumed step (written after the last save)
-        kept = []
-        if step > 0 and metrics_path.exists():
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-
-    def log(record: dict) -> None:
-        if accelerator.is_main_process:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def evaluate() -> float | None:
-        if eval_loader is None:
-            return None
-        model.eval()
-        totals = torch.zeros(2, device=accelerator.device)  # (sum of loss * n, n)
-        with torch.no_grad(), torch.random.fork_rng():  # eval must not move the training RNG
-            for i, batch in enumerate(eval_loader):
-                if config.eval_max_batches and i >= config.eval_max_batches:
-                    break
-                with accelerator.autocast():
-                    loss = loss_fn(model, batch)
-                n = _batch_len(batch)
-                totals += torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=totals.device)])
-        model.train()
-        totals = accelerator.reduce(totals, "sum")
-        return (totals[0] / totals[1].clamp(min=1)).item()
+    metrics = _MetricsLog(out, step, accelerator.is_main_process)
 
     def save() -> Path:
         accelerator.wait_for_everyone()
@@ -493,21 +518,11 @@ def train(
         e, b = (epoch + 1, 0) if batches_in_epoch >= batches_per_epoch else (epoch, batches_in_epoch)
         path = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
         if accelerator.is_main_process:
-            opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-            rng_tensors, rng_meta = rng_at_step
             trainer_state = {"step": step, "epoch": e, "batches_in_epoch": b, "total_steps": total_steps,
                              "num_processes": accelerator.num_processes, "config": asdict(config)}
-            files = {
-                "trainable.safetensors": lambda p: save_file(trainable_state_dict(accelerator.unwrap_model(model)), p),
-                "optimizer.safetensors": lambda p: save_file(opt_tensors, p),
-                "optimizer.json": lambda p: _write_json(p, opt_meta),
-                "scheduler.json": lambda p: _write_json(p, scheduler.state_dict()),
-                "rng.safetensors": lambda p: save_file(rng_tensors, p),
-                "rng.json": lambda p: _write_json(p, rng_meta),
-                "trainer_state.json": lambda p: _write_json(p, trainer_state),
-            }
+            files = _checkpoint_files(accelerator.unwrap_model(model), optimizer, scheduler, rng_at_step, trainer_state)
             path = write_checkpoint(out / "checkpoints", step, files, config.keep_last)
-            plot_metrics(metrics_path, png_path)
+            metrics.plot()
         accelerator.wait_for_everyone()
         return path
 
@@ -541,17 +556,16 @@ def train(
                 progress.update(1)
 
                 if step % config.log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    last_loss = accelerator.reduce(torch.tensor(window_loss / window_batches, device=accelerator.device), "mean").item()
-                    lr = scheduler.get_last_lr()[0]
-                    speed = window_samples / max(elapsed, 1e-9)
-                    log({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "samples_per_s": speed})
+                    mean = torch.tensor(window_loss / window_batches, device=accelerator.device)
+                    last_loss = accelerator.reduce(mean, "mean").item()
+                    lr, speed = scheduler.get_last_lr()[0], window_samples / max(time.perf_counter() - window_start, 1e-9)
+                    metrics.write({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "samples_per_s": speed})
                     progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.1f}")
                     window_loss, window_batches, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
                 if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                    eval_loss = evaluate()
+                    eval_loss = _evaluate(accelerator, model, loss_fn, eval_loader, config.eval_max_batches)
                     if eval_loss is not None:
-                        log({"step": step, "eval_loss": eval_loss})
+                        metrics.write({"step": step, "eval_loss": eval_loss})
                         progress.write(f"step {step}: eval loss {eval_loss:.4f}")
                 timed_out = config.save_every_minutes and time.monotonic() - last_save_time > 60 * config.save_every_minutes
                 if (config.save_every and step % config.save_every == 0) or timed_out or stop.requested:
@@ -565,9 +579,9 @@ def train(
             else:
                 epoch, batches_in_epoch = epoch + 1, 0
         progress.close()
-        eval_loss = evaluate()
+        eval_loss = _evaluate(accelerator, model, loss_fn, eval_loader, config.eval_max_batches)
         if eval_loss is not None:
-            log({"step": step, "eval_loss": eval_loss})
+            metrics.write({"step": step, "eval_loss": eval_loss})
             accelerator.print(f"final eval loss {eval_loss:.4f}")
         checkpoint = save()
     return TrainResult(step=step, train_loss=last_loss, eval_loss=eval_loss, checkpoint=str(checkpoint))

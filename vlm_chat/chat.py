@@ -77,30 +77,37 @@ class ChatSession:
         return TextStream(self.model, self.processor, inputs, settings)
 
     def fit(self, settings: GenerationSettings):
-        """Processor inputs for the history that fits the context, oldest turns dropped first.
+        inputs, settings, self.trimmed_turns = fit_to_context(self.processor, self.messages, self.model.max_context, settings)
+        return inputs, settings
 
-        System messages and the newest user turn are always kept; if even those do
-        not fit with MIN_NEW_TOKENS of room, the turn is refused with a clear error.
-        """
-        limit = self.model.max_context
-        system = [m for m in self.messages if m["role"] == "system"]
-        turns = [m for m in self.messages if m["role"] != "system"]
-        self.trimmed_turns = 0
-        while True:
-            inputs = self.processor(system + turns)
-            prompt = inputs["input_ids"].shape[1]
-            room = limit - prompt
-            if room >= settings.max_new_tokens:
-                return inputs, settings
-            if len(turns) > 1:
-                # Drop the oldest exchange (a user turn and the answer after it).
-                drop = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
-                turns = turns[drop:]
-                self.trimmed_turns += drop
-                continue
-            if room >= MIN_NEW_TOKENS:
-                return inputs, dataclasses.replace(settings, max_new_tokens=room)
-            raise ContextOverflowError(
-                f"the message needs {prompt} tokens ({inputs['input_ids'].eq(self.processor.image_token_id).sum()} "
-                f"of them for images) but the context holds {limit}; send a shorter message or fewer images"
-            )
+
+def fit_to_context(processor, messages: list[Message], limit: int, settings: GenerationSettings):
+    """Processor inputs for the part of a conversation that fits, oldest turns dropped first.
+
+    System messages and the newest user turn are always kept; if even those do not fit
+    with MIN_NEW_TOKENS of room, the turn is refused with a clear error. Returns the
+    inputs, the settings (max_new_tokens lowered to the room left if needed) and the
+    number of messages dropped.
+    """
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    dropped = 0
+    while True:
+        inputs = processor(system + turns)
+        prompt = inputs["input_ids"].shape[1]
+        room = limit - prompt
+        if room >= settings.max_new_tokens:
+            return inputs, settings, dropped
+        if len(turns) > 1:
+            # Drop the oldest exchange (a user turn and the answer after it).
+            drop = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
+            turns = turns[drop:]
+            dropped += drop
+            continue
+        if room >= MIN_NEW_TOKENS:
+            return inputs, dataclasses.replace(settings, max_new_tokens=room), dropped
+        image_tokens = int(inputs["input_ids"].eq(processor.image_token_id).sum())
+        raise ContextOverflowError(
+            f"the message needs {prompt} tokens ({image_tokens} of them for images) but the context holds "
+            f"{limit}; send a shorter message or fewer images"
+        )

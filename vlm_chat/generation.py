@@ -152,6 +152,10 @@ class TextStream:
     def cancel(self) -> None:
         self.cancel_event.set()
 
+    def join(self) -> None:
+        """Wait for the worker thread (after `cancel`, it ends at the next token)."""
+        self._thread.join()
+
     def __iter__(self):
         stops = self.settings.stop
         pending = ""
