@@ -94,7 +94,8 @@ def build_ui(engine: Engine, default_max_tokens: int = 256):
     for name, question in (("shapes.png", DESCRIBE), ("shapes.png", "How many circles are there?")):
         if (EXAMPLES_DIR / name).is_file():
             examples.append([{"text": question, "files": [str(EXAMPLES_DIR / name)]}])
-    with gr.Blocks(title="vlm-chat") as demo:
+    # No telemetry: the server runs offline and talks to nobody but its users.
+    with gr.Blocks(title="vlm-chat", analytics_enabled=False) as demo:
         gr.Markdown(f"## vlm-chat · talk with your images\nModel: `{engine.name}`. Attach images with the paperclip, by drag and drop or by pasting.")
         speed = gr.Markdown("", elem_id="speed")
         with gr.Row():
@@ -114,6 +115,7 @@ def build_ui(engine: Engine, default_max_tokens: int = 256):
             examples=examples or None,
             api_name="chat",
             fill_height=True,
+            analytics_enabled=False,
         )
         describe = gr.Button(DESCRIBE, size="sm")
         describe.click(lambda box: {"text": DESCRIBE, "files": (box or {}).get("files", [])}, inputs=textbox,

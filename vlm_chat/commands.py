@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vlm_chat import clip_commands
+
 GGUF_MAGIC = b"GGUF"
 # Offline LLMs by exact name: what `--llm NAME` means without a hub.
 KNOWN_LLMS = {
@@ -28,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_build(subparsers)
     _register_export(subparsers)
     _register_merge(subparsers)
+    clip_commands.register(subparsers)
 
 
 # -- shared flag groups ----------------------------------------------------------------
