@@ -17,7 +17,6 @@ from typing import Any, Literal
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import iterate_in_threadpool
 
 from serve.engine import BusyError, Engine, UnknownModelError
 from serve.images import ImageLimits, RequestImageError, image_from_url
@@ -215,12 +214,12 @@ def create_api(engine: Engine, image_limits: ImageLimits, api_key: str | None = 
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(
-                _sse(stream, finish, request, completion_id, model_name, include_usage),
+                _sse(engine, stream, finish, request, completion_id, model_name, include_usage),
                 media_type="text/event-stream",
             )
         try:
             pieces = []
-            async for piece in iterate_in_threadpool(iter(stream)):
+            async for piece in _pieces(engine, stream):
                 pieces.append(piece)
                 if await request.is_disconnected():
                     stream.cancel()
@@ -248,7 +247,15 @@ def _usage(stats) -> dict[str, int]:
             "total_tokens": stats.prompt_tokens + stats.completion_tokens}
 
 
-async def _sse(stream, finish, request: Request, completion_id: str, model: str, include_usage: bool):
+async def _pieces(engine: Engine, stream):
+    """Text pieces of a stream, each computed on the engine's model thread."""
+    loop = asyncio.get_running_loop()
+    pieces = iter(stream)
+    while (piece := await loop.run_in_executor(engine.executor, next, pieces, None)) is not None:
+        yield piece
+
+
+async def _sse(engine: Engine, stream, finish, request: Request, completion_id: str, model: str, include_usage: bool):
     """Server-sent events in OpenAI's chunk format, ending with data: [DONE]."""
     created = int(time.time())
 
@@ -261,7 +268,7 @@ async def _sse(stream, finish, request: Request, completion_id: str, model: str,
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for piece in iterate_in_threadpool(iter(stream)):
+        async for piece in _pieces(engine, stream):
             yield chunk({"content": piece})
             if await request.is_disconnected():
                 stream.cancel()

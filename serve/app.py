@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from serve.engine import Engine, EngineLimits, find_adapters
+from serve.engine import Engine, EngineLimits, find_adapters, load_on_model_thread
 from serve.images import ImageLimits
 
 
@@ -26,13 +26,17 @@ class ServeConfig:
 
 
 def load_engine(config: ServeConfig) -> Engine:
+    return load_on_model_thread(_build_engine, config)
+
+
+def _build_engine(config: ServeConfig, executor) -> Engine:
     from pathlib import Path
 
     from vlm_chat.model import VisionLanguageModel
 
     model, processor = VisionLanguageModel.from_pretrained(config.model, config.device, config.dtype, config.quantization)
     name = Path(config.model).resolve().name
-    return Engine(model, processor, name, find_adapters(config.adapters), config.limits)
+    return Engine(model, processor, name, find_adapters(config.adapters), config.limits, executor)
 
 
 def create_app(engine: Engine, config: ServeConfig):

@@ -82,7 +82,8 @@ def build_ui(engine: Engine, default_max_tokens: int = 256):
         text = ""
         try:
             with engine.generate(messages, settings, model_name) as stream:
-                for piece in stream:
+                pieces = iter(stream)
+                while (piece := engine.next_piece(pieces)) is not None:
                     text += piece
                     yield text, ""
                 stats = stream.stats

@@ -38,7 +38,7 @@ def test_export_matches_stock_llava(tiny_parts, tmp_path, images, projector):
         )
     stream = stream_generate(model, processor, ours, GenerationSettings(max_new_tokens=8))
     stream.text()
-    assert generated[0, theirs["input_ids"].shape[1]:].tolist() == stream._streamer.tokens
+    assert generated[0, theirs["input_ids"].shape[1]:].tolist() == stream.tokens
 
 
 def test_export_refuses_token_reduction(tiny_parts, tmp_path):

@@ -37,7 +37,7 @@ def test_cached_streaming_matches_uncached_greedy(tiny_bundle, images):
     inputs = processor([user_message("what is in this image ?", images)])
     stream = stream_generate(model, processor, inputs, GenerationSettings(max_new_tokens=12))
     text = stream.text()
-    tokens = stream._streamer.tokens
+    tokens = stream.tokens
     assert tokens == greedy_uncached(model, inputs, 12, stream._end_ids)
     assert text == processor.tokenizer.decode(tokens, skip_special_tokens=True)
     assert stream.stats.completion_tokens == len(tokens)
