@@ -92,18 +92,17 @@ def build_ui(engine: Engine, default_max_tokens: int = 256):
             yield (text + "\n\n" if text else "") + f"⚠️ {err}", ""
 
     examples = []
-    for name, question in (("shapes.png", DESCRIBE), ("shapes.png", "How many circles are there?")):
+    for name, question in (("shapes.png", DESCRIBE), ("shapes.png", "How many red circles are there?")):
         if (EXAMPLES_DIR / name).is_file():
             examples.append([{"text": question, "files": [str(EXAMPLES_DIR / name)]}])
     # No telemetry: the server runs offline and talks to nobody but its users.
     with gr.Blocks(title="vlm-chat", analytics_enabled=False) as demo:
         gr.Markdown(f"## vlm-chat · talk with your images\nModel: `{engine.name}`. Attach images with the paperclip, by drag and drop or by pasting.")
         speed = gr.Markdown("", elem_id="speed")
-        with gr.Row():
-            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)", render=False)
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", render=False)
-            max_tokens = gr.Slider(1, 1024, value=default_max_tokens, step=16, label="Max new tokens", render=False)
-            model_choice = gr.Dropdown(engine.model_names, value=engine.name, label="Model / LoRA adapter", render=False)
+        temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)", render=False)
+        top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", render=False)
+        max_tokens = gr.Slider(1, 1024, value=default_max_tokens, step=1, label="Max new tokens", render=False)
+        model_choice = gr.Dropdown(engine.model_names, value=engine.name, label="Model / LoRA adapter", render=False)
         textbox = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", sources=["upload"],
                                        placeholder="Ask about your images…", render=False)
         interface = gr.ChatInterface(
@@ -111,7 +110,7 @@ def build_ui(engine: Engine, default_max_tokens: int = 256):
             multimodal=True,
             textbox=textbox,
             additional_inputs=[temperature, top_p, max_tokens, model_choice],
-            additional_inputs_accordion=gr.Accordion("Settings", open=False),
+            additional_inputs_accordion="Settings",
             additional_outputs=[speed],
             examples=examples or None,
             api_name="chat",
