@@ -10,6 +10,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_corpus(subparsers)
     _register_train(subparsers)
     _register_data(subparsers)
+    _register_eval(subparsers)
 
 
 def _register_corpus(subparsers: argparse._SubParsersAction) -> None:
@@ -242,3 +243,45 @@ def _data_check(args: argparse.Namespace) -> int:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"wrote {len(good)} good row(s) to {args.fix_out}")
     return 1 if problems else 0
+
+
+# ---------------------------------------------------------------- eval
+
+
+def _register_eval(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="VQA accuracy (by type), yes/no hallucination metrics and caption BLEU-4 / CIDEr of a bundle",
+        description="Greedy, batched answers on triples (JSONL/CSV), LLaVA JSON and caption files; see training/evaluate.py.",
+    )
+    p.add_argument("--model", required=True, help="bundle directory")
+    p.add_argument("--data", nargs="+", required=True, help="test files (triples with 'type', captions)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions and N captioned images")
+    p.add_argument("--skip-bad", action="store_true", help="leave out bad rows instead of refusing")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--out", default=None, help="folder for scores.json and a bar chart per type (by_type.png)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from training.evaluate import evaluate, markdown_table, plot_by_type
+    from vlm_chat.errors import UserFacingError
+    from vlm_chat.model import VisionLanguageModel
+
+    if args.batch_size < 1:
+        raise UserFacingError("--batch-size must be at least 1")
+    model, processor = VisionLanguageModel.from_pretrained(args.model, device=args.device)
+    scores = evaluate(model, processor, args.data, args.batch_size, args.max_new_tokens, args.limit, args.skip_bad)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        if scores.get("by_type"):
+            plot_by_type(scores, out / "by_type.png")
+    print(json.dumps(scores, indent=2) if args.json else markdown_table(scores))
+    return 0

@@ -1,0 +1,70 @@
+"""`vlm-chat eval`: answer normalisation, POPE-style yes/no metrics, caption scores, the command."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from cli.main import main
+from tests.conftest import build_tiny_bundle
+from training.evaluate import VQAItem, caption_scores, normalize_answer, vqa_scores, yes_no_scores
+
+
+def test_normalisation():
+    assert normalize_answer("Two.") == "2" == normalize_answer("2")
+    assert normalize_answer("A Red apple!") == "red apple"
+    assert normalize_answer("The LEFT") == "left"
+    assert normalize_answer("three cats") != normalize_answer("two cats")
+
+
+def test_vqa_accuracy_by_type():
+    items = [VQAItem("Two.", "2", "count"), VQAItem("3", "2", "count"), VQAItem("red", "Red", "color"),
+             VQAItem("Yes", "yes", "yesno")]
+    scores = vqa_scores(items)
+    assert scores["accuracy"] == 0.75 and scores["n"] == 4
+    assert scores["by_type"]["count"] == {"accuracy": 0.5, "n": 2}
+    assert scores["by_type"]["color"]["accuracy"] == 1.0
+
+
+def test_yes_no_metrics_count_a_yes_sayer():
+    truth = ["yes", "yes", "no", "no", "no"]
+    always_yes = yes_no_scores([VQAItem("Yes, there is.", t, "yesno") for t in truth])
+    assert always_yes["yes_share"] == 1.0 and always_yes["true_yes_share"] == 0.4
+    assert always_yes["recall"] == 1.0 and always_yes["precision"] == 0.4
+    assert always_yes["accuracy"] == 0.4
+    perfect = yes_no_scores([VQAItem(t, t, "yesno") for t in truth])
+    assert perfect["f1"] == 1.0 and perfect["yes_share"] == perfect["true_yes_share"]
+
+
+def test_caption_scores_rank_the_better_caption_higher():
+    refs = {"a": ["a red circle on the left", "a red circle"], "b": ["two blue squares at the top"]}
+    good = caption_scores({"a": "a red circle on the left", "b": "two blue squares at the top"}, refs)
+    bad = caption_scores({"a": "a green dog", "b": "a cat"}, refs)
+    assert good["bleu4"] > 0.9 and good["cider"] > bad["cider"] and bad["bleu4"] < 0.1
+
+
+def test_eval_command(tiny_parts, tmp_path, capsys):
+    build_tiny_bundle(tiny_parts, tmp_path / "bundle")
+    Image.new("RGB", (16, 16), (220, 30, 30)).save(tmp_path / "red.png")
+    rows = [{"image": "red.png", "question": "what colour is this ?", "answer": "red", "type": "color"},
+            {"image": "red.png", "question": "is there a dog ?", "answer": "no", "type": "yesno"},
+            {"image": "red.png", "caption": "a red square"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(["eval", "--model", str(tmp_path / "bundle"), "--data", str(tmp_path / "test.jsonl"), "--json",
+                 "--out", str(tmp_path / "eval"), "--max-new-tokens", "4", "--batch-size", "2"])
+    assert code == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["n"] == 2 and set(scores["by_type"]) == {"color", "yesno"}
+    assert scores["yes_no"]["n"] == 1 and scores["captions"]["n"] == 1
+    assert (tmp_path / "eval" / "by_type.png").is_file() and (tmp_path / "eval" / "scores.json").is_file()
+    assert main(["eval", "--model", str(tmp_path / "bundle"), "--data", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_markdown_output(tiny_parts, tmp_path, capsys):
+    build_tiny_bundle(tiny_parts, tmp_path / "bundle")
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    (tmp_path / "t.jsonl").write_text(json.dumps({"image": "x.png", "question": "what ?", "answer": "oops", "type": "object"}) + "\n")
+    assert main(["eval", "--model", str(tmp_path / "bundle"), "--data", str(tmp_path / "t.jsonl"), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| VQA accuracy |" in out and "| - object |" in out

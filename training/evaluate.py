@@ -1,0 +1,200 @@
+"""`vlm-chat eval`: how good a bundle is on triples and caption files.
+
+  VQA      exact match after answer normalisation (case, punctuation, articles, number
+           words: "Two." = "2"), overall and per `type`
+  yes/no   accuracy, precision, recall and F1 of "yes", and the share of "yes" answers
+           next to the true share (POPE's way of showing hallucination)
+  captions BLEU-4 and CIDEr (pycocoevalcap's scorers) against every reference caption
+           of the image
+Answers are greedy and batched.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import defaultdict
+from dataclasses import dataclass
+
+NUMBER_WORDS = {
+    "zero": "0", "none": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+ARTICLES = {"a", "an", "the"}
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """'The answer is: Two.' stays itself, 'Two.' -> '2', 'A Red apple!' -> 'red apple'."""
+    words = _PUNCT.sub(" ", text.lower()).split()
+    return " ".join(NUMBER_WORDS.get(w, w) for w in words if w not in ARTICLES)
+
+
+@dataclass
+class VQAItem:
+    prediction: str
+    answer: str
+    type: str | None
+
+
+def vqa_scores(items: list[VQAItem]) -> dict:
+    if not items:
+        return {}
+    hits = [normalize_answer(i.prediction) == normalize_answer(i.answer) for i in items]
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for item, hit in zip(items, hits):
+        by_type[item.type or "untyped"].append(hit)
+    scores = {
+        "accuracy": sum(hits) / len(hits),
+        "n": len(hits),
+        "by_type": {t: {"accuracy": sum(h) / len(h), "n": len(h)} for t, h in sorted(by_type.items())},
+    }
+    yes_no = [i for i in items if normalize_answer(i.answer) in ("yes", "no")]
+    if yes_no:
+        scores["yes_no"] = yes_no_scores(yes_no)
+    return scores
+
+
+def yes_no_scores(items: list[VQAItem]) -> dict:
+    """POPE metrics: "yes" is the positive class; an answer starting with neither counts as wrong."""
+    tp = fp = fn = tn = 0
+    said_yes = 0
+    for item in items:
+        truth = normalize_answer(item.answer) == "yes"
+        words = normalize_answer(item.prediction).split()
+        said = words[0] if words else ""
+        said_yes += said == "yes"
+        if truth:
+            tp += said == "yes"
+            fn += said != "yes"
+        else:
+            fp += said == "yes"
+            tn += said == "no"
+    n = len(items)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "n": n,
+        "accuracy": (tp + tn) / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "yes_share": said_yes / n,
+        "true_yes_share": (tp + fn) / n,
+    }
+
+
+def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
+    """BLEU-4 and CIDEr over images (keys), each with one prediction and its references."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if not predictions:
+        return {}
+    # pycocoevalcap's PTB tokenizer needs Java; lower-case + punctuation split is the same idea.
+    tok = {k: [normalize_caption(c) for c in v] for k, v in references.items()}
+    res = {k: [normalize_caption(v)] for k, v in predictions.items()}
+    bleu, _ = Bleu(4).compute_score(tok, res, verbose=0)
+    cider, _ = Cider().compute_score(tok, res)
+    return {"n": len(res), "bleu4": bleu[3], "cider": cider}
+
+
+def normalize_caption(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def markdown_table(scores: dict) -> str:
+    lines = ["| measure | value | n |", "|---|---|---|"]
+    if "accuracy" in scores:
+        lines.append(f"| VQA accuracy | {100 * scores['accuracy']:.1f} % | {scores['n']} |")
+        for name, row in scores["by_type"].items():
+            lines.append(f"| - {name} | {100 * row['accuracy']:.1f} % | {row['n']} |")
+    if "yes_no" in scores:
+        yn = scores["yes_no"]
+        lines.append(f"| yes/no F1 | {100 * yn['f1']:.1f} % | {yn['n']} |")
+        lines.append(f"| yes/no accuracy / precision / recall | {100 * yn['accuracy']:.1f} / {100 * yn['precision']:.1f} / "
+                     f"{100 * yn['recall']:.1f} % | {yn['n']} |")
+        lines.append(f"| \"yes\" share (true share) | {100 * yn['yes_share']:.1f} % ({100 * yn['true_yes_share']:.1f} %) | {yn['n']} |")
+    if "captions" in scores:
+        cap = scores["captions"]
+        lines.append(f"| captions BLEU-4 | {cap['bleu4']:.3f} | {cap['n']} |")
+        lines.append(f"| captions CIDEr | {cap['cider']:.3f} | {cap['n']} |")
+    return "\n".join(lines)
+
+
+def plot_by_type(scores: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(scores["by_type"])
+    values = [100 * scores["by_type"][n]["accuracy"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(4, len(names) * 0.9), 3.5))
+    ax.bar(names, values, color="#4a78c2")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"VQA accuracy by type (overall {100 * scores['accuracy']:.1f} %)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def to_parts(messages: list[dict[str, str]], images: list) -> list[dict]:
+    """Messages with `<image>` placeholders in their text -> content parts with the images."""
+    from training.data import IMAGE
+
+    queue = list(images)
+    out = []
+    for message in messages:
+        pieces = message["content"].split(IMAGE)
+        parts = []
+        for index, piece in enumerate(pieces):
+            if index:
+                parts.append({"type": "image", "image": queue.pop(0)})
+            if piece.strip():
+                parts.append({"type": "text", "text": piece.strip()})
+        out.append({"role": message["role"], "content": parts})
+    return out
+
+
+def evaluate(model, processor, paths: list[str], batch_size: int = 8, max_new_tokens: int = 32,
+             limit: int = 0, skip_bad: bool = False, prompt: str = "Describe this image.") -> dict:
+    from tqdm import tqdm
+
+    from training.data import check_images, load_samples
+    from training.vlm import _refuse_or_skip
+    from vlm_chat.generation import GenerationSettings, generate_batch
+
+    samples, problems = load_samples(paths)
+    problems += check_images(samples, full_decode=False)
+    _refuse_or_skip(problems, skip_bad, "evaluation")
+    bad = {(p.file, p.row) for p in problems}
+    samples = [s for s in samples if (s.file, s.row) not in bad]
+    questions = [s for s in samples if "caption" not in s.raw]
+    references: dict[str, list[str]] = defaultdict(list)
+    for sample in samples:
+        if "caption" in sample.raw:
+            references[str(sample.images[0])].append(sample.raw["caption"])
+    if limit:
+        questions = questions[:limit]
+        references = dict(list(references.items())[:limit])
+    jobs = [(to_parts(s.messages[:-1], s.images), s) for s in questions]
+    jobs += [([{"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": prompt}]}], path)
+             for path in references]
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    items, captions = [], {}
+    with tqdm(total=len(jobs), unit="sample", desc="eval") as bar:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            answers = generate_batch(model, processor, [conversation for conversation, _ in batch], settings)
+            for (_, source), answer in zip(batch, answers):
+                if isinstance(source, str):
+                    captions[source] = answer.strip()
+                else:
+                    items.append(VQAItem(answer.strip(), source.messages[-1]["content"], source.type))
+            bar.update(len(batch))
+    scores = vqa_scores(items)
+    if captions:
+        scores["captions"] = caption_scores(captions, {k: references[k] for k in captions})
+    return scores
