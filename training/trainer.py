@@ -532,7 +532,7 @@ def train(
     window_loss, window_batches, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
     last_loss, eval_loss, checkpoint, last_save_time = float("nan"), None, Path(), time.monotonic()
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, progress:  # the bar is closed even when a step raises
         while step < total_steps:
             train_loader.set_epoch(epoch)
             loader = accelerator.skip_first_batches(train_loader, batches_in_epoch) if batches_in_epoch else train_loader
