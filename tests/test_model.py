@@ -160,3 +160,18 @@ def test_llama_style_chat_template(tiny_parts, tmp_path, images):
     assert inputs["input_ids"][0, 0] == processor.tokenizer.bos_token_id
     assert (inputs["input_ids"][0] == processor.tokenizer.bos_token_id).sum() == 1  # no double BOS
     assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_siglip_tower_keeps_every_token(tiny_parts, tmp_path, images):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         image_size=16, patch_size=4)).save_pretrained(tmp_path / "siglip")
+    parts = dict(tiny_parts, vision=tmp_path / "siglip")
+    with pytest.raises(ConfigError, match="SigLIP.*has none; use select_strategy 'full'"):
+        build_tiny_bundle(parts, tmp_path / "refused")
+    model, processor = build_tiny_bundle(parts, tmp_path / "b", select_strategy="full")
+    assert processor.num_image_tokens == 16  # no CLS token to add or drop
+    inputs = ask(processor, "what ?", images[:1])
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
