@@ -11,7 +11,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="start the chat UI (/) and the OpenAI-compatible API (/v1) on one model",
         description="One model instance serves both the Gradio UI and the API. Binds to 127.0.0.1 unless --host says otherwise.",
     )
-    p.add_argument("--model", default=None, help="bundle directory")
+    p.add_argument("--model", default=None,
+                   help="bundle directory (default: the offline default model, or $VLM_CHAT_DEFAULT_MODEL)")
     p.add_argument("--adapters", default=None, help="folder searched for LoRA adapters (each becomes a model name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
@@ -35,12 +36,10 @@ def config_from_args(args):
     from serve.app import ServeConfig
     from serve.engine import EngineLimits
     from serve.images import ImageLimits
-    from vlm_chat.errors import UserFacingError
+    from vlm_chat.defaults import resolve_model
 
-    if not args.model:
-        raise UserFacingError("no --model given; pass a bundle directory (make one with `vlm-chat build`)")
     return ServeConfig(
-        model=args.model, adapters=args.adapters, host=args.host, port=args.port, api_key=args.api_key,
+        model=resolve_model(args.model), adapters=args.adapters, host=args.host, port=args.port, api_key=args.api_key,
         device=args.device, dtype=args.dtype, quantization=args.quantization,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), ui=not args.no_ui,
         images=ImageLimits(max_image_bytes=int(args.max_image_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,

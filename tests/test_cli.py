@@ -48,9 +48,10 @@ def test_ask_streams_an_answer(cli_bundle, tmp_path, capsys):
     assert "prompt tokens" in captured.err
 
 
-def test_ask_without_model_or_with_bad_image_is_one_clear_line(cli_bundle, tmp_path, capsys):
+def test_ask_without_model_or_with_bad_image_is_one_clear_line(cli_bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VLM_CHAT_DEFAULT_MODEL", str(tmp_path / "no-such-bundle"))
     assert main(["ask", "what ?"]) == 2
-    assert "no --model given" in capsys.readouterr().err
+    assert "no --model given and no default model at" in capsys.readouterr().err
     bad = tmp_path / "bad.jpg"
     bad.write_text("nope")
     assert main(["ask", "--model", str(cli_bundle), "--image", str(bad), "what ?"]) == 2
@@ -91,3 +92,13 @@ def test_build_rejects_a_non_gguf_file(tiny_parts, tmp_path, capsys):
     fake.write_bytes(b"PK\x03\x04")
     assert main(["build", "--vision", str(tiny_parts["vision"]), "--llm", str(fake), "--out", str(tmp_path / "b")]) == 2
     assert "not GGUF" in capsys.readouterr().err
+
+
+def test_default_model_is_used_without_model_flag(cli_bundle, monkeypatch, capsys):
+    monkeypatch.setenv("VLM_CHAT_DEFAULT_MODEL", str(cli_bundle))
+    assert main(["ask", "--max-new-tokens", "3", "--stats", "hello"]) == 0
+    assert "prompt tokens" in capsys.readouterr().err
+    from serve.commands import config_from_args
+    from cli.main import build_parser
+
+    assert config_from_args(build_parser().parse_args(["serve"])).model == str(cli_bundle)

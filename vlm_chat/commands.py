@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="bundle directory (made by `vlm-chat build` or `vlm-chat train`)")
+    group.add_argument("--model", help="bundle directory (made by `vlm-chat build` or `vlm-chat train`); "
+                       "default: the offline default model, or $VLM_CHAT_DEFAULT_MODEL")
     group.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
     group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     group.add_argument(
@@ -75,12 +76,10 @@ def settings_from_args(args):
 
 
 def load_model(args):
-    from vlm_chat.errors import UserFacingError
+    from vlm_chat.defaults import resolve_model
     from vlm_chat.model import VisionLanguageModel
 
-    if not args.model:
-        raise UserFacingError("no --model given; pass a bundle directory (make one with `vlm-chat build`)")
-    return VisionLanguageModel.from_pretrained(args.model, args.device, args.dtype, args.quantization)
+    return VisionLanguageModel.from_pretrained(resolve_model(args.model), args.device, args.dtype, args.quantization)
 
 
 # -- ask / chat --------------------------------------------------------------------------
