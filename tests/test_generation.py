@@ -140,3 +140,17 @@ def test_bad_image_does_not_enter_history(tiny_bundle, tmp_path):
     with pytest.raises(ImageError, match="broken.png: not a readable image"):
         session.reply("what ?", images=[broken])
     assert session.messages == []
+
+
+def test_text_held_back_at_a_word_is_flushed_when_an_end_token_stops(tiny_bundle, images):
+    _, model, processor = tiny_bundle
+    inputs = processor([user_message("what is in this image ?", images[:1])])
+    full = stream_generate(model, processor, inputs, GenerationSettings(max_new_tokens=20))
+    full.text()
+    tokens = full.tokens
+    # Pretend the 6th token is the model's end token: the answer is then the first 5 tokens.
+    end = next(i for i in range(5, len(tokens)) if tokens[i] not in tokens[:i])
+    stream = stream_generate(model, processor, inputs, GenerationSettings(max_new_tokens=20))
+    stream._end_ids = {tokens[end]}
+    assert stream.text() == processor.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+    assert stream.stats.finish_reason == "stop"

@@ -193,6 +193,7 @@ class TextStream:
         stops = self.settings.stop
         collector = _PieceCollector(processor.tokenizer)
         pending, reason = "", "length"
+        cut_at_stop_string = False
         try:
             with torch.inference_mode():
                 inputs_embeds = model.embed(inputs["input_ids"], inputs.get("pixel_values"))  # (1, T, D_lm)
@@ -208,7 +209,7 @@ class TextStream:
                 pending += collector.drain()
                 cut = _find_stop(pending, stops)
                 if cut is not None:
-                    pending, reason = pending[:cut], "stop"
+                    pending, reason, cut_at_stop_string = pending[:cut], "stop", True
                     break
                 # Emit everything except a tail that could still grow into a stop string.
                 safe = len(pending) - _stop_prefix_overlap(pending, stops)
@@ -218,7 +219,9 @@ class TextStream:
                 if self.cancel_event.is_set():
                     reason = "cancelled"
                     break
-            if reason != "stop":
+            if not cut_at_stop_string:
+                # The collector holds back the last word until a space; flush it (also after
+                # an end token). Text after a stop string is dropped, so it is not flushed.
                 collector.end()
                 pending += collector.drain()
                 cut = _find_stop(pending, stops)
