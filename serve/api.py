@@ -249,9 +249,8 @@ def _usage(stats) -> dict[str, int]:
 
 async def _pieces(engine: Engine, stream):
     """Text pieces of a stream, each computed on the engine's model thread."""
-    loop = asyncio.get_running_loop()
     pieces = iter(stream)
-    while (piece := await loop.run_in_executor(engine.executor, next, pieces, None)) is not None:
+    while (piece := await asyncio.wrap_future(engine.next_piece(pieces))) is not None:
         yield piece
 
 

@@ -4,8 +4,9 @@ On a CPU two generations at once only split the same cores, so requests queue fo
 single generation slot and wait at most `queue_timeout` seconds for it. Every decoding
 step runs on one dedicated model thread (`Engine.executor`): torch's OpenMP pool is
 fast for the thread that owns it and about 40 % slower when several threads take
-turns, so the model is also loaded on that thread (`load_on_model_thread`). LoRA adapters found under `--adapters` are loaded once into the same
-peft model and switched per request; the base model is served with adapters disabled.
+turns, so the model is also loaded on that thread (`load_on_model_thread`). LoRA
+adapters found under `--adapters` are loaded once into the same peft model and
+switched per request; the base model is served with adapters disabled.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,10 +175,9 @@ class Engine:
         finally:
             generation.close()
 
-
-    def next_piece(self, pieces) -> str | None:
-        """The next text piece (None at the end), computed on the model thread."""
-        return self.executor.submit(next, pieces, None).result()
+    def next_piece(self, pieces) -> Future:
+        """The next text piece of an iterator (None at its end), computed on the model thread."""
+        return self.executor.submit(next, pieces, None)
 
 
 class Generation:

@@ -83,7 +83,7 @@ def build_ui(engine: Engine, default_max_tokens: int = 256):
         try:
             with engine.generate(messages, settings, model_name) as stream:
                 pieces = iter(stream)
-                while (piece := engine.next_piece(pieces)) is not None:
+                while (piece := engine.next_piece(pieces).result()) is not None:
                     text += piece
                     yield text, ""
                 stats = stream.stats
