@@ -187,7 +187,7 @@ def create_api(engine: Engine, image_limits: ImageLimits, api_key: str | None = 
             param = ".".join(str(p) for p in first["loc"])
             raise ApiError(400, f"{param}: {first['msg']}", "invalid_value", param) from None
         try:
-            engine.check_model(chat.model)
+            target = engine.check_model(chat.model)
         except UnknownModelError as err:
             raise ApiError(404, str(err), "model_not_found", "model") from None
         messages = await asyncio.to_thread(to_messages, chat, image_limits)
@@ -203,7 +203,7 @@ def create_api(engine: Engine, image_limits: ImageLimits, api_key: str | None = 
             await engine.acquire_async()
         except BusyError as err:
             raise ApiError(503, str(err), "server_busy", kind="server_error") from None
-        generation = engine.start(engine.check_model(chat.model), inputs, settings)
+        generation = engine.start(target, inputs, settings)
         stream = generation.stream
 
         def finish() -> None:
@@ -226,8 +226,7 @@ def create_api(engine: Engine, image_limits: ImageLimits, api_key: str | None = 
                     break
         finally:
             finish()
-        await asyncio.to_thread(generation.close)  # wait for the stats of a finished stream
-        stats = stream.stats
+        stats = stream.stats  # complete: the stream ended before the loop did
         return {
             "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
