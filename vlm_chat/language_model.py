@@ -40,11 +40,11 @@ def package_dir(package: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def resolve_llm_path(config: LLMConfig, base_dir: Path | None = None) -> str:
+def resolve_llm_path(config: LLMConfig) -> str:
     """Local folder for the config's model, or the hub id unchanged."""
     if config.package:
         return str(package_dir(config.package) / config.name_or_path)
-    return resolve_local(config.name_or_path, base_dir)
+    return config.name_or_path
 
 
 def resolve_local(name_or_path: str, base_dir: Path | None) -> str:
@@ -89,9 +89,9 @@ def convert_gguf(directory: str, gguf_file: str) -> Path:
     return target
 
 
-def llm_source_dir(config: LLMConfig, base_dir: Path | None = None) -> str:
+def llm_source_dir(config: LLMConfig) -> str:
     """Directory or hub id from which transformers loads the model and tokenizer."""
-    path = resolve_llm_path(config, base_dir)
+    path = resolve_llm_path(config)
     if config.gguf_file:
         return str(convert_gguf(path, config.gguf_file))
     return path

@@ -133,11 +133,12 @@ class VisionLanguageModel(nn.Module):
         if save_vision:
             self.vision_tower.model = merge_lora(self.vision_tower.model)
             self.vision_tower.model.save_pretrained(directory / VISION_DIR)
-            self.config.vision.name_or_path = VISION_DIR
+            # In memory refs stay absolute (as from_pretrained makes them); the file gets them relative.
+            self.config.vision.name_or_path = str((directory / VISION_DIR).resolve())
         if save_llm:
             self.language_model = merge_lora(self.language_model)
             self.language_model.save_pretrained(directory / LLM_DIR)
-            self.config.llm = LLMConfig(name_or_path=LLM_DIR, quantization=self.config.llm.quantization)
+            self.config.llm = LLMConfig(name_or_path=str((directory / LLM_DIR).resolve()), quantization=self.config.llm.quantization)
             self.config.adapter = None
         elif is_lora(self.language_model):
             # The embedding rows added for <image> are zeros recreated at load; not saved.
@@ -167,7 +168,7 @@ class VisionLanguageModel(nn.Module):
         if not config.llm.package:
             config.llm.name_or_path = absolute_if_local(resolve_local(config.llm.name_or_path, directory))
         processor = VLMProcessor.from_pretrained(directory, config)
-        model = cls.assemble(config, processor.tokenizer, directory, device, dtype, quantization)
+        model = cls.assemble(config, processor.tokenizer, device, dtype, quantization)
         weights = directory / PROJECTOR_WEIGHTS
         if not weights.is_file():
             raise ConfigError(f"{directory}: {PROJECTOR_WEIGHTS} is missing; the bundle is incomplete")
@@ -192,7 +193,6 @@ class VisionLanguageModel(nn.Module):
         cls,
         config: VLMConfig,
         tokenizer,
-        base_dir: Path | None = None,
         device: str = "auto",
         dtype: str = "auto",
         quantization: str | None = None,
@@ -200,10 +200,9 @@ class VisionLanguageModel(nn.Module):
         """Load both towers and create the projector (randomly initialised)."""
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
-        vision_path = resolve_local(config.vision.name_or_path, base_dir)
-        vision = load_vision_tower(config.vision, vision_path, torch_dtype, torch_device)
+        vision = load_vision_tower(config.vision, config.vision.name_or_path, torch_dtype, torch_device)
         llm = load_language_model(
-            llm_source_dir(config.llm, base_dir),
+            llm_source_dir(config.llm),
             quantization or config.llm.quantization,
             torch_dtype,
             torch_device,
@@ -237,9 +236,9 @@ def build_bundle(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)
-    model = VisionLanguageModel.assemble(config, tokenizer, None, device, dtype, quantization="none")
+    model = VisionLanguageModel.assemble(config, tokenizer, device, dtype, quantization="none")
     config.num_image_tokens = model.projector_tokens
-    norm = image_normalisation(resolve_local(config.vision.name_or_path, None), model.vision_tower.model)
+    norm = image_normalisation(config.vision.name_or_path, model.vision_tower.model)
     image_processor = make_image_processor(norm.image_size, norm.image_mean, norm.image_std, config.image)
     processor = VLMProcessor(tokenizer, image_processor, config.num_image_tokens, config.image_token, config.system_prompt)
     model.save_pretrained(out, processor)
