@@ -162,15 +162,11 @@ def evaluate(model, processor, paths: list[str], batch_size: int = 8, max_new_to
              limit: int = 0, skip_bad: bool = False, prompt: str = "Describe this image.") -> dict:
     from tqdm import tqdm
 
-    from training.data import check_images, load_samples
-    from training.vlm import _refuse_or_skip
+    from training.vlm import prepare_samples
     from vlm_chat.generation import GenerationSettings, generate_batch
 
-    samples, problems = load_samples(paths)
-    problems += check_images(samples, full_decode=False)
-    _refuse_or_skip(problems, skip_bad, "evaluation")
-    bad = {(p.file, p.row) for p in problems}
-    samples = [s for s in samples if (s.file, s.row) not in bad]
+    # The same checks as training: bad rows (and ones over the context) refused or skipped.
+    samples = prepare_samples(paths, processor, model.max_context, skip_bad, "evaluation")
     questions = [s for s in samples if "caption" not in s.raw]
     references: dict[str, list[str]] = defaultdict(list)
     for sample in samples:
