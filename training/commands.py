@@ -208,25 +208,18 @@ def _data_check(args: argparse.Namespace) -> int:
     import os
     from collections import Counter
 
-    from training.data import Problem, check_images, load_samples, token_count
+    from training.data import check_samples
 
-    samples, problems = load_samples(args.files)
-    problems += check_images(samples, full_decode=True)
+    processor, limit = None, 0
     if args.model:
         from vlm_chat.model import VisionLanguageModel
 
         model, processor = VisionLanguageModel.from_pretrained(args.model, device="cpu", quantization="none")
         limit = model.max_context
-        bad = {(p.file, p.row) for p in problems}
-        for sample in samples:
-            if (sample.file, sample.row) not in bad:
-                count = token_count(processor, sample)
-                if count > limit:
-                    problems.append(Problem(sample.file, sample.row, "-", f"{count} tokens, over the context of {limit}"))
+    good, problems = check_samples(args.files, processor, limit, full_decode=True)
     for problem in sorted(problems, key=lambda p: (p.file, p.row)):
         print(problem)
     bad = {(p.file, p.row) for p in problems}
-    good = [s for s in samples if (s.file, s.row) not in bad]
     kinds = Counter(p.message.split(":")[0] for p in problems)
     print(f"{len(good)} good row(s), {len(bad)} bad row(s)" + (f" ({dict(kinds)})" if kinds else "")
           + ("" if args.model else "; lengths not checked (pass --model BUNDLE)"))

@@ -217,6 +217,25 @@ def check_images(samples: list[Sample], full_decode: bool) -> list[Problem]:
     return problems
 
 
+def check_samples(
+    paths: list[str | Path], processor=None, max_length: int = 0, full_decode: bool = False
+) -> tuple[list[Sample], list[Problem]]:
+    """Every problem of the data files (rows, images, and with a processor, length),
+    and the samples that have none."""
+    samples, problems = load_samples(paths)
+    problems += check_images(samples, full_decode)
+    if processor is not None:
+        bad = {(p.file, p.row) for p in problems}
+        for sample in samples:
+            if (sample.file, sample.row) in bad:
+                continue
+            count = token_count(processor, sample)
+            if count > max_length:
+                problems.append(Problem(sample.file, sample.row, "-", f"{count} tokens, over the context of {max_length}"))
+    bad = {(p.file, p.row) for p in problems}
+    return [s for s in samples if (s.file, s.row) not in bad], problems
+
+
 # -- tokenizing with labels -----------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from adapters.lora import LoraSettings
-from training.data import ConversationDataset, DataError, Problem, check_images, collate, load_samples, token_count
+from training.data import ConversationDataset, DataError, Problem, check_samples, collate
 from training.trainable import TrainablePlan, apply_plan, trainable_summary
 from training.trainer import TrainConfig, param_groups, train, train_config_from
 from vlm_chat.errors import ConfigError
@@ -90,17 +90,9 @@ def _refuse_or_skip(problems: list[Problem], skip_bad: bool, what: str) -> None:
 
 
 def prepare_samples(paths: list[str], processor, max_length: int, skip_bad: bool, what: str):
-    samples, problems = load_samples(paths)
-    problems += check_images(samples, full_decode=False)
-    bad = {(p.file, p.row) for p in problems}
-    samples = [s for s in samples if (s.file, s.row) not in bad]
-    for sample in samples:
-        count = token_count(processor, sample)
-        if count > max_length:
-            problems.append(Problem(sample.file, sample.row, "-", f"{count} tokens, over the context of {max_length}"))
+    samples, problems = check_samples(paths, processor, max_length)
     _refuse_or_skip(problems, skip_bad, what)
-    bad = {(p.file, p.row) for p in problems}
-    return [s for s in samples if (s.file, s.row) not in bad]
+    return samples
 
 
 def run(config: VLMStageConfig):
