@@ -149,7 +149,6 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_lives(stack, name, body, raw,
 def test_api_key(tiny_parts, tmp_path):
     from serve.app import ServeConfig, create_app
     from serve.engine import Engine
-    from vlm_chat.model import VisionLanguageModel
 
     model, processor = build_tiny_bundle(tiny_parts, tmp_path / "b")
     app = create_app(Engine(model, processor, "tiny"), ServeConfig(model=None, api_key="s3cret", ui=False))

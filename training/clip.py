@@ -29,7 +29,8 @@ from torch.utils.data import Dataset, Subset
 
 from training.trainer import TrainConfig, param_groups, train, train_config_from
 from vlm_chat.errors import ConfigError, UserFacingError
-from vlm_chat.zero_shot import image_embeddings, open_image, text_embeddings
+from vlm_chat.images import load_image
+from vlm_chat.zero_shot import image_embeddings, text_embeddings
 
 LOSSES = ("infonce", "sigmoid")
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature so logits stay <= 100
@@ -138,7 +139,7 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str, str]:
         path, caption = self.rows[index]
-        image = open_image(path)
+        image = load_image(path)
         return (random_resized_crop(image) if self.augment else image), caption, str(path)
 
 

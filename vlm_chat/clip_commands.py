@@ -76,11 +76,12 @@ def _read_labels(args: argparse.Namespace) -> list[str]:
 def _classify(args: argparse.Namespace) -> int:
     import json
 
-    from vlm_chat.zero_shot import DEFAULT_TEMPLATES, classify, load_clip, open_image
+    from vlm_chat.images import load_image
+    from vlm_chat.zero_shot import DEFAULT_TEMPLATES, classify, load_clip
 
     labels = _read_labels(args)
     model, processor = load_clip(args.clip)
-    images = [open_image(path) for path in args.images]
+    images = [load_image(path) for path in args.images]
     templates = tuple(args.templates) if args.templates else DEFAULT_TEMPLATES
     for path, predictions in zip(args.images, classify(model, processor, images, labels, templates, args.top_k)):
         if args.json:

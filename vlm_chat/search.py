@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from vlm_chat.errors import ImageError, UserFacingError
-from vlm_chat.zero_shot import encode_images, encode_texts, open_image
+from vlm_chat.images import load_image
+from vlm_chat.zero_shot import encode_images, encode_texts
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 EMBEDDINGS_FILE, FILES_FILE = "embeddings.safetensors", "files.json"
@@ -97,7 +98,7 @@ def build_index(folder: str | Path, index_dir: str | Path, model, processor, cli
         batch, images = [], []
         for entry in todo[start : start + batch_size]:
             try:
-                images.append(open_image(root / entry["path"]))
+                images.append(load_image(root / entry["path"]))
                 batch.append(entry)
             except ImageError:
                 skipped.append(entry["path"])
@@ -125,7 +126,7 @@ def search(index_dir: str | Path, model, processor, text: str | None = None, ima
     if text is not None:
         query = encode_texts(model, processor, [text])[0]  # (D,)
     else:
-        query = encode_images(model, processor, [open_image(image)])[0]
+        query = encode_images(model, processor, [load_image(image)])[0]
     if query.shape[0] != embeddings.shape[1]:
         raise UserFacingError(
             f"query embedding has {query.shape[0]} dims but {index_dir} holds {embeddings.shape[1]}; "

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlm_chat.errors import ConfigError, ImageError, UserFacingError
+from vlm_chat.errors import ConfigError, UserFacingError
+from vlm_chat.images import load_image
 
 # No trailing periods: this project's CLIP tokenizer learned from captions without them.
 # "a {}" before a vowel becomes "an {}" (see with_article).
@@ -61,15 +62,6 @@ def load_clip(name_or_path: str | None = None, device: str = "cpu"):
             f"could not load CLIP from {name_or_path!r} ({err}); give a dir written by save_pretrained or a hub id"
         ) from err
     return model, processor
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """An RGB PIL image, or an ImageError naming the file."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ImageError(f"cannot read image {path}: {err}; give a PNG/JPEG/WebP file") from err
 
 
 def _features(output) -> torch.Tensor:
@@ -174,7 +166,7 @@ def _encode_image_files(model, processor, paths: list[Path], batch_size: int = 2
 
     chunks = []
     for start in tqdm(range(0, len(paths), batch_size), desc="images", unit="batch", leave=False):
-        chunks.append(encode_images(model, processor, [open_image(p) for p in paths[start : start + batch_size]], batch_size))
+        chunks.append(encode_images(model, processor, [load_image(p) for p in paths[start : start + batch_size]], batch_size))
     return torch.cat(chunks)  # (N, D)
 
 
