@@ -11,6 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_train(subparsers)
     _register_data(subparsers)
     _register_eval(subparsers)
+    _register_default(subparsers)
 
 
 def _register_corpus(subparsers: argparse._SubParsersAction) -> None:
@@ -277,4 +278,46 @@ def _eval(args: argparse.Namespace) -> int:
         if scores.get("by_type"):
             plot_by_type(scores, out / "by_type.png")
     print(json.dumps(scores, indent=2) if args.json else markdown_table(scores))
+    return 0
+
+
+# ---------------------------------------------------------------- default model
+
+
+def _register_default(subparsers: argparse._SubParsersAction) -> None:
+    default = subparsers.add_parser("default", help="rebuild the offline default model from nothing")
+    actions = default.add_subparsers(dest="default_command", metavar="ACTION")
+    actions.required = True
+    build = actions.add_parser(
+        "build",
+        help="corpus -> CLIP -> bundle -> align -> instruct -> eval -> ship (resumable)",
+        description="Run the default model's recipe (training/default_model.py). Each stage's wall time goes "
+        "to WORK/state.json; run the same command again after a kill and finished stages are skipped, "
+        "a training stage resumes from its last checkpoint.",
+    )
+    build.add_argument("--work", default="runs/default-build", help="working dir (default runs/default-build)")
+    build.add_argument("--corpus", help="corpus dir, reused if it holds a manifest.json (default WORK/corpus)")
+    build.add_argument("--clip", choices=("shipped", "train"), default="train",
+                       help="train the CLIP from scratch (default, about an hour) or take vlm_chat/assets/clip")
+    build.add_argument("--out", help="where the finished model goes (default vlm_chat/assets/default)")
+    build.add_argument("--until", help="stop after this stage (one of: corpus, clip, bundle, mix, distill, "
+                       "align, instruct, eval, ship)")
+    build.set_defaults(func=_default_build)
+
+
+def _default_build(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from training.default_model import STAGES, BuildPaths, Recipe, build_default
+    from vlm_chat.defaults import SHIPPED_DEFAULT
+    from vlm_chat.errors import UserFacingError
+
+    if args.until and args.until not in STAGES:
+        raise UserFacingError(f"--until {args.until}: choose one of {', '.join(STAGES)}")
+    work = Path(args.work).resolve()
+    paths = BuildPaths(work=work, corpus=Path(args.corpus).resolve() if args.corpus else work / "corpus",
+                       clip=args.clip, out=Path(args.out).resolve() if args.out else SHIPPED_DEFAULT)
+    state = build_default(paths, Recipe(), until=args.until)
+    print(json.dumps({stage: info["seconds"] for stage, info in state["stages"].items()}, indent=1))
     return 0

@@ -1,0 +1,111 @@
+"""The default model's recipe: data mixes, self-distilled text turns, the resumable build."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.test_corpus import needs_sources
+from training.corpus import CorpusConfig, build_corpus
+from training.data import check_samples
+from training.default_model import (
+    KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_mixes,
+)
+from vlm_chat.errors import UserFacingError
+
+SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    build_corpus(CorpusConfig.small(out, seed=3))
+    return out
+
+
+@needs_sources
+def test_mixes_are_valid_training_data_from_the_right_splits(corpus, tmp_path):
+    counts = write_mixes(corpus, tmp_path, SMALL)
+    for name in ("align.jsonl", "instruct_images.jsonl", "eval_triples.jsonl", "eval_captions.jsonl"):
+        good, problems = check_samples([tmp_path / name])
+        assert not problems, problems[:3]
+        assert good
+    conversations = _rows(tmp_path / "instruct_images.jsonl")
+    scenes = [c for c in conversations if c["id"].startswith("scene:")]
+    assert len(scenes) == counts["instruct_image_conversations"] - SMALL.caption_singles
+    # Several questions share one image; only the first turn carries the placeholder.
+    assert max(len(c["conversations"]) for c in scenes) >= 2 * SMALL.turns_per_conversation[0]
+    for c in scenes:
+        assert c["conversations"][0]["value"].startswith("<image>\n")
+        assert all("<image>" not in t["value"] for t in c["conversations"][1:])
+    train_images = {r["image"] for r in _rows(corpus / "triples_train.jsonl")}
+    assert {str(Path(c["image"]).relative_to(corpus.resolve())) for c in scenes} <= train_images
+    test_images = {r["image"] for r in _rows(corpus / "triples_test.jsonl")}
+    eval_rows = _rows(tmp_path / "eval_triples.jsonl")
+    assert len(eval_rows) == SMALL.eval_questions and all(r["type"] for r in eval_rows)
+    assert {str(Path(r["image"]).relative_to(corpus.resolve())) for r in eval_rows} <= test_images
+    # Same seed, same bytes.
+    again = tmp_path / "again"
+    write_mixes(corpus, again, SMALL)
+    assert (again / "instruct_images.jsonl").read_bytes() == (tmp_path / "instruct_images.jsonl").read_bytes()
+
+
+def test_knowledge_check_questions_are_held_out_of_distillation():
+    prompts = distill_prompts()
+    assert len(prompts) > 150 and len(set(prompts)) == len(prompts)
+    assert not {q for q, _ in KNOWLEDGE_CHECK} & set(prompts)
+
+
+@needs_sources
+def test_distilled_turns_are_the_base_models_own_answers(corpus, tmp_path, tiny_bundle):
+    bundle, model, processor = tiny_bundle
+    write_mixes(corpus, tmp_path, SMALL)
+    counts = distill_text_turns(bundle, tmp_path, replace(SMALL, text_copies=2), max_new_tokens=6)
+    rows = _rows(tmp_path / "text_turns.jsonl")
+    assert counts["text_turns"] == len(rows) > 0
+    with_image = [r for r in rows if "image" in r]
+    assert 0 < len(with_image) < len(rows)  # each turn once bare, once beside an unrelated image
+    good, problems = check_samples([tmp_path / "instruct.jsonl"])
+    assert not problems and len(good) == counts["instruct_rows"]
+    # The answer is what the base model says to the prompt.
+    from training.default_model import _trim_to_sentence
+    from vlm_chat.generation import GenerationSettings, generate_batch
+
+    first = rows[0]["conversations"]
+    expected = generate_batch(model, processor, [[{"role": "user", "content": first[0]["value"]}]],
+                              GenerationSettings(max_new_tokens=6))[0]
+    assert first[1]["value"] == _trim_to_sentence(expected)
+
+
+@needs_sources
+def test_build_records_stage_times_skips_finished_stages_and_refuses_another_recipe(corpus, tmp_path, tiny_parts, capsys):
+    recipe = replace(SMALL, llm=str(tiny_parts["llm"]))
+    paths = BuildPaths(work=tmp_path / "work", corpus=corpus, clip="shipped", out=tmp_path / "shipped")
+    state = build_default(paths, recipe, until="mix")
+    assert list(state["stages"]) == ["corpus", "clip", "bundle", "mix"]
+    assert state["stages"]["corpus"]["result"] == {"reused": str(corpus)}
+    assert all(info["seconds"] >= 0 for info in state["stages"].values())
+    assert (paths.work / "bundle" / "vlm_config.json").is_file()
+    capsys.readouterr()
+    build_default(paths, recipe, until="mix")
+    assert capsys.readouterr().out.count("skipped") == 4
+    with pytest.raises(UserFacingError, match="different recipe"):
+        build_default(paths, replace(recipe, seed=1), until="mix")
+
+
+def test_ship_copies_trained_parts_and_leaves_the_llm_a_reference(tiny_bundle, tmp_path):
+    bundle, _, _ = tiny_bundle
+    out = tmp_path / "default"
+    (tmp_path / "scores.json").write_text("{}")
+    result = ship(bundle, out, {"scores.json": tmp_path / "scores.json", "absent.json": tmp_path / "absent.json"})
+    assert (out / "vlm_config.json").is_file() and (out / "projector.safetensors").is_file()
+    assert (out / "scores.json").is_file() and not (out / "absent.json").exists()
+    assert not (out / "llm").exists()
+    assert result["megabytes"] < 50

@@ -1,0 +1,416 @@
+"""`vlm-chat default build`: the recipe of the offline default model, from nothing.
+
+  corpus    render the image-text corpus (training/corpus)                      ~1.5 min
+  clip      pretrain the small CLIP on its captions, or take the shipped one     ~60 min
+  bundle    CLIP + SmolLM2-135M-Instruct (GGUF) + a random pixel-shuffle projector
+  mix       write the align and instruct data files from the corpus (seeded)
+  distill   the base LLM answers general text prompts; its answers become the
+            text-only turns that keep it able to chat (self-distillation)
+  align     projector only, on captions
+  instruct  LoRA on the LLM, projector and vision tower, on multi-turn questions
+            about scenes, captions as "Describe this image." and the text turns
+  eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
+  ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
+
+Every stage records its wall time in WORK/state.json; a stage that finished is
+skipped when the command runs again, and a training stage that was killed resumes
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vlm_chat.errors import UserFacingError
+
+STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "eval", "ship")
+SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "vlm_chat" / "assets" / "clip"
+
+
+@dataclass
+class Recipe:
+    """Everything that decides the default model; written next to it as recipe.json."""
+
+    seed: int = 0
+    llm: str = "smollm2-135m-instruct"
+    projector: str = "mlp2x_gelu"
+    token_reduction: str = "pixel_shuffle"  # 8x8 CLIP patches -> 16 tokens, no information dropped
+    reduction_factor: int = 2
+    align_images: int = 6000
+    align: dict = field(default_factory=lambda: {
+        "batch_size": 16, "lr": 1e-3, "warmup": 0.03, "epochs": 1, "log_every": 10,
+        "save_every_minutes": 5, "eval_every": 0, "eval_max_batches": 8, "val_fraction": 0.01,
+    })
+    instruct_conversations: int = 9000  # multi-turn conversations about scene images
+    turns_per_conversation: tuple[int, int] = (3, 6)
+    describe_share: float = 0.25  # conversations that open with "Describe this image."
+    caption_singles: int = 1200  # describe turns on Fashion-MNIST, emoji, clip art and word images
+    text_copies: int = 2  # each distilled text turn: once without and once with an unrelated image
+    instruct: dict = field(default_factory=lambda: {
+        "batch_size": 8, "lr": 3e-4, "projector_lr": 1e-4, "vision": "full", "vision_lr": 3e-5,
+        "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
+        "eval_max_batches": 10, "val_fraction": 0.01,
+    })
+    eval_questions: int = 3000
+    eval_caption_images: int = 400
+    eval_batch_size: int = 32
+
+
+# -- general text prompts the base LLM answers for itself (self-distillation) ---------------
+
+_COUNTRIES = (
+    "Spain", "Portugal", "Japan", "China", "India", "Canada", "Mexico", "Brazil", "Argentina", "Egypt",
+    "Kenya", "Australia", "Russia", "Greece", "Sweden", "Norway", "Poland", "Turkey", "Peru", "Chile",
+    "Ireland", "Austria", "Belgium", "Netherlands", "Denmark", "Finland", "Thailand", "Vietnam",
+)
+# Held out of training: the knowledge check asks these with an image attached.
+KNOWLEDGE_CHECK = (
+    ("What is the capital of France?", "paris"),
+    ("What is the capital of Italy?", "rome"),
+    ("What is the capital of Germany?", "berlin"),
+    ("What is the capital of the United Kingdom?", "london"),
+    ("What is 2 plus 3?", "5"),
+    ("What color is the sky on a clear day?", "blue"),
+    ("How many days are there in a week?", "7"),
+    ("What is the opposite of hot?", "cold"),
+)
+_TOPICS = (
+    "photosynthesis", "gravity", "the water cycle", "a computer", "the internet", "democracy", "music",
+    "the moon", "volcanoes", "rainbows", "electricity", "the human heart", "friendship", "exercise",
+    "coffee", "the ocean", "bees", "recycling", "a library", "chess", "the sun", "clouds", "bread",
+    "trains", "dinosaurs", "the seasons", "sleep", "vaccines", "money", "maps",
+)
+_TEMPLATES = (
+    "What is {}?", "Explain {} in simple terms.", "Give me three facts about {}.", "Write a short poem about {}.",
+    "Why is {} important?",
+)
+_OTHER = (
+    "Hello!", "Hi, how are you?", "Who are you?", "What can you do?", "Thank you!", "Tell me a joke.",
+    "Give me a tip for studying.", "How do I make a cup of tea?", "What should I cook for dinner?",
+    "Write a haiku about autumn.", "Suggest a name for a cat.", "How can I sleep better?",
+    "What is 10 minus 4?", "What is 6 times 7?", "What is 12 divided by 3?", "Spell the word 'apple'.",
+    "What is the largest planet in the solar system?", "How many legs does a spider have?",
+    "What do bees make?", "What is the boiling point of water?", "Name three primary colors.",
+    "Translate 'thank you' into Spanish.", "What is a synonym for happy?", "Say goodbye politely.",
+)
+
+
+def distill_prompts() -> list[str]:
+    prompts = [f"What is the capital of {c}?" for c in _COUNTRIES]
+    prompts += [t.format(topic) for topic in _TOPICS for t in _TEMPLATES]
+    prompts += list(_OTHER)
+    held = {q for q, _ in KNOWLEDGE_CHECK}
+    return [p for p in prompts if p not in held]
+
+
+# -- data mixes -------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def _group(rows: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        grouped[row["image"]].append(row)
+    return grouped
+
+
+def write_mixes(corpus: Path, work: Path, recipe: Recipe) -> dict:
+    """align.jsonl (captions), instruct.jsonl (LLaVA conversations, text turns added by
+    `distill`), eval_triples.jsonl and eval_captions.jsonl; images stay in the corpus and
+    rows name them by absolute path."""
+    rng = random.Random(recipe.seed)
+    captions = _group(_read_jsonl(corpus / "captions_train.jsonl"))
+    triples = _group(_read_jsonl(corpus / "triples_train.jsonl"))
+
+    def image(name: str) -> str:
+        return str((corpus / name).resolve())
+
+    # align: one caption per image, images drawn from every source.
+    names = sorted(captions)
+    align = [
+        {"image": image(n), "caption": rng.choice(captions[n])["caption"]}
+        for n in rng.sample(names, min(recipe.align_images, len(names)))
+    ]
+
+    # instruct: several questions about one scene per conversation, so one image's
+    # vision and projector cost is shared by 3-6 supervised answers.
+    instruct = []
+    scenes = sorted(triples)
+    low, high = recipe.turns_per_conversation
+    for n in rng.sample(scenes, min(recipe.instruct_conversations, len(scenes))):
+        chosen = rng.sample(triples[n], min(rng.randint(low, high), len(triples[n])))
+        turns = [(t["question"], t["answer"]) for t in chosen]
+        if captions.get(n) and rng.random() < recipe.describe_share:
+            turns.insert(0, (rng.choice(_DESCRIBE), rng.choice(captions[n])["caption"]))
+        instruct.append(_conversation(f"scene:{n}", image(n), turns))
+    others = [n for n in names if "/scene/" not in n]
+    for n in rng.sample(others, min(recipe.caption_singles, len(others))):
+        instruct.append(_conversation(f"describe:{n}", image(n), [(rng.choice(_DESCRIBE), rng.choice(captions[n])["caption"])]))
+
+    # eval: a seeded sample of the test split (the file is ordered by image).
+    test_triples = _read_jsonl(corpus / "triples_test.jsonl")
+    eval_triples = [
+        {**row, "image": image(row["image"])}
+        for row in rng.sample(test_triples, min(recipe.eval_questions, len(test_triples)))
+    ]
+    test_captions = _group(_read_jsonl(corpus / "captions_test.jsonl"))
+    picked = rng.sample(sorted(test_captions), min(recipe.eval_caption_images, len(test_captions)))
+    eval_captions = [{**row, "image": image(row["image"])} for n in picked for row in test_captions[n]]
+
+    work.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(work / "align.jsonl", align)
+    _write_jsonl(work / "instruct_images.jsonl", instruct)
+    _write_jsonl(work / "eval_triples.jsonl", eval_triples)
+    _write_jsonl(work / "eval_captions.jsonl", eval_captions)
+    return {"align": len(align), "instruct_image_conversations": len(instruct),
+            "eval_questions": len(eval_triples), "eval_caption_images": len(picked)}
+
+
+_DESCRIBE = (
+    "Describe this image.", "Describe the image briefly.", "What is shown in this picture?",
+    "Give a short caption for this image.", "What do you see?",
+)
+
+
+def _conversation(conversation_id: str, image: str | None, turns: list[tuple[str, str]]) -> dict:
+    messages = []
+    for index, (question, answer) in enumerate(turns):
+        prefix = "<image>\n" if image and index == 0 else ""
+        messages += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+    row = {"id": conversation_id, "conversations": messages}
+    if image:
+        row["image"] = image
+    return row
+
+
+def _trim_to_sentence(text: str) -> str:
+    text = text.strip()
+    if text.endswith((".", "!", "?")):
+        return text
+    cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "), text.rfind(".\n"))
+    return text[: cut + 1] if cut > 0 else text
+
+
+def _repeats_itself(text: str, n: int = 4, limit: int = 2) -> bool:
+    """Degenerate loops ("a coin of gold, a coin of gold, ...") are not worth learning."""
+    words = text.lower().split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return any(grams.count(g) > limit for g in set(grams))
+
+
+def distill_text_turns(bundle: Path, work: Path, recipe: Recipe, batch_size: int = 16, max_new_tokens: int = 160) -> dict:
+    """The base LLM's own greedy answers to general prompts, as text-only turns (and the
+    same turns with an unrelated image attached), appended to the instruct mix."""
+    from vlm_chat.generation import GenerationSettings, generate_batch
+    from vlm_chat.model import VisionLanguageModel
+
+    prompts = distill_prompts()
+    cache = work / "distill_answers.json"  # generation is the slow part; a rerun reuses it
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    if cached.get("prompts") == prompts and cached.get("max_new_tokens") == max_new_tokens:
+        answers = cached["answers"]
+    else:
+        model, processor = VisionLanguageModel.from_pretrained(str(bundle), device="cpu", quantization="none")
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
+        answers = []
+        for start in range(0, len(prompts), batch_size):
+            batch = [[{"role": "user", "content": p}] for p in prompts[start : start + batch_size]]
+            answers += generate_batch(model, processor, batch, settings)
+            print(f"distill: {len(answers)}/{len(prompts)} prompts answered", flush=True)
+        cache.write_text(json.dumps({"prompts": prompts, "max_new_tokens": max_new_tokens, "answers": answers}, indent=1))
+    turns = [(p, _trim_to_sentence(a)) for p, a in zip(prompts, answers)]
+    turns = [(p, a) for p, a in turns if a and not _repeats_itself(a)]
+    rng = random.Random(recipe.seed + 1)
+    images = [row["image"] for row in _read_jsonl(work / "align.jsonl")]
+    rows = []
+    for copy in range(recipe.text_copies):
+        for index, (prompt, answer) in enumerate(turns):
+            attached = rng.choice(images) if copy % 2 == 1 else None
+            rows.append(_conversation(f"text:{copy}:{index}", attached, [(prompt, answer)]))
+    _write_jsonl(work / "text_turns.jsonl", rows)
+    instruct = _read_jsonl(work / "instruct_images.jsonl") + rows
+    random.Random(recipe.seed + 2).shuffle(instruct)
+    _write_jsonl(work / "instruct.jsonl", instruct)
+    return {"prompts": len(prompts), "text_turns": len(rows), "instruct_rows": len(instruct)}
+
+
+# -- knowledge check ----------------------------------------------------------------------
+
+
+def knowledge_check(bundle: Path, image: str | None) -> dict:
+    """General questions held out of training, asked with an image attached: does the
+    tuned LLM still know that the capital of France is Paris?"""
+    from vlm_chat.generation import GenerationSettings, generate_batch
+    from vlm_chat.images import load_image
+    from vlm_chat.model import VisionLanguageModel
+
+    model, processor = VisionLanguageModel.from_pretrained(str(bundle), device="cpu", quantization="none")
+    attached = load_image(image) if image else None
+    conversations = []
+    for question, _ in KNOWLEDGE_CHECK:
+        content = [{"type": "image", "image": attached}, {"type": "text", "text": question}] if attached else question
+        conversations.append([{"role": "user", "content": content}])
+    answers = generate_batch(model, processor, conversations, GenerationSettings(max_new_tokens=48))
+    items = [
+        {"question": q, "expected": word, "answer": a, "hit": word in a.lower()}
+        for (q, word), a in zip(KNOWLEDGE_CHECK, answers)
+    ]
+    return {"image_attached": bool(attached), "hits": sum(i["hit"] for i in items), "n": len(items), "items": items}
+
+
+# -- the build ------------------------------------------------------------------------------
+
+
+def _flags(settings: dict) -> list[str]:
+    argv = []
+    for key, value in settings.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def _cli(argv: list[str]) -> None:
+    from cli.main import main  # the recipe is a sequence of the documented commands
+
+    print("$ vlm-chat " + " ".join(argv), flush=True)
+    code = main(argv)
+    if code:
+        raise UserFacingError(f"`vlm-chat {' '.join(argv)}` failed (exit {code}); fix the cause and run the build again")
+
+
+@dataclass
+class BuildPaths:
+    work: Path
+    corpus: Path
+    clip: str  # "shipped" or "train"
+    out: Path
+
+    @property
+    def clip_dir(self) -> Path:
+        return SHIPPED_CLIP if self.clip == "shipped" else self.work / "clip" / "final"
+
+
+def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
+    """The CLI command each training stage runs (also printed, so any one can be rerun by hand)."""
+    w = paths.work
+    return {
+        "corpus": ["corpus", "build", "--out", str(paths.corpus), "--seed", str(recipe.seed)],
+        "clip": [
+            "train", "--stage", "clip", "--data", str(paths.corpus / "captions_train.jsonl"), "--out", str(w / "clip"),
+            "--image-size", "64", "--patch-size", "8", "--vision-width", "256", "--vision-layers", "6",
+            "--text-width", "256", "--text-layers", "4", "--projection-dim", "256", "--vocab-size", "4096",
+            "--max-text-len", "32", "--batch-size", "128", "--max-steps", "2200", "--lr", "5e-4", "--warmup", "100",
+            "--weight-decay", "0.1", "--eval-every", "200", "--eval-max-batches", "8", "--save-every-minutes", "5",
+            "--log-every", "10", "--seed", str(recipe.seed), "--resume",
+        ],
+        "bundle": [
+            "build", "--vision", str(paths.clip_dir), "--llm", recipe.llm, "--projector", recipe.projector,
+            "--token-reduction", recipe.token_reduction, "--reduction-factor", str(recipe.reduction_factor),
+            "--seed", str(recipe.seed), "--out", str(w / "bundle"),
+        ],
+        "align": [
+            "train", "--stage", "align", "--model", str(w / "bundle"), "--data", str(w / "align.jsonl"),
+            "--out", str(w / "align"), "--seed", str(recipe.seed), "--resume", *_flags(recipe.align),
+        ],
+        "instruct": [
+            "train", "--stage", "instruct", "--model", str(w / "align"), "--data", str(w / "instruct.jsonl"),
+            "--out", str(w / "instruct"), "--seed", str(recipe.seed), "--resume", *_flags(recipe.instruct),
+        ],
+        "eval": [
+            "eval", "--model", str(w / "instruct"), "--data", str(w / "eval_triples.jsonl"), str(w / "eval_captions.jsonl"),
+            "--batch-size", str(recipe.eval_batch_size), "--out", str(w / "eval"),
+        ],
+    }
+
+
+NOT_SHIPPED = ("checkpoints",)  # the bundle itself is the result; optimizer states stay in WORK
+
+
+def ship(bundle: Path, out: Path, extra: dict[str, Path]) -> dict:
+    """Copy a trained bundle (its LLM stays a reference to the installed package)."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(bundle, out, ignore=lambda folder, names: [n for n in names if n in NOT_SHIPPED] if Path(folder) == bundle else [])
+    for name, source in extra.items():
+        if source.is_file():
+            shutil.copy2(source, out / name)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"out": str(out), "megabytes": round(size / 2**20, 1)}
+
+
+def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -> dict:
+    """Run (or continue) the build; returns the state with per-stage wall times."""
+    paths.work.mkdir(parents=True, exist_ok=True)
+    state_file = paths.work / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    wanted = json.loads(json.dumps(asdict(recipe)))
+    if state.get("recipe") not in (None, wanted):
+        raise UserFacingError(
+            f"{paths.work} holds a build made with a different recipe; use another --work dir or delete {state_file}"
+        )
+    state["recipe"] = wanted
+    stages = state.setdefault("stages", {})
+    commands = stage_commands(paths, recipe)
+    w = paths.work
+
+    def corpus():
+        if (paths.corpus / "manifest.json").is_file():
+            return {"reused": str(paths.corpus)}
+        _cli(commands["corpus"])
+
+    def clip():
+        if paths.clip == "shipped":
+            return {"reused": str(SHIPPED_CLIP)}
+        _cli(commands["clip"])
+
+    def evaluate():
+        _cli(commands["eval"])
+        first_image = _read_jsonl(w / "eval_triples.jsonl")[0]["image"]
+        result = {"tuned_with_image": knowledge_check(w / "instruct", first_image),
+                  "base_without_image": knowledge_check(w / "bundle", None)}
+        (w / "eval" / "knowledge.json").write_text(json.dumps(result, indent=1))
+        return {k: f"{v['hits']}/{v['n']}" for k, v in result.items()}
+
+    runners = {
+        "corpus": corpus,
+        "clip": clip,
+        "bundle": lambda: _cli(commands["bundle"]),
+        "mix": lambda: write_mixes(paths.corpus, w, recipe),
+        "distill": lambda: distill_text_turns(w / "bundle", w, recipe),
+        "align": lambda: _cli(commands["align"]),
+        "instruct": lambda: _cli(commands["instruct"]),
+        "eval": evaluate,
+        "ship": lambda: ship(w / "instruct", paths.out, {
+            "recipe.json": state_file, "scores.json": w / "eval" / "scores.json", "knowledge.json": w / "eval" / "knowledge.json",
+        }),
+    }
+    for stage in STAGES:
+        if stage in stages:
+            print(f"[{stage}] done before ({stages[stage]['seconds']:.0f} s), skipped", flush=True)
+        else:
+            print(f"[{stage}] starting", flush=True)
+            start = time.monotonic()
+            result = runners[stage]()
+            stages[stage] = {"seconds": round(time.monotonic() - start, 1), "result": result}
+            state_file.write_text(json.dumps(state, indent=1))
+            print(f"[{stage}] done in {stages[stage]['seconds']:.0f} s", flush=True)
+        if stage == until:
+            break
+    return state
