@@ -247,7 +247,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="VQA accuracy (by type), yes/no hallucination metrics and caption BLEU-4 / CIDEr of a bundle",
         description="Greedy, batched answers on triples (JSONL/CSV), LLaVA JSON and caption files; see training/evaluate.py.",
     )
-    p.add_argument("--model", required=True, help="bundle directory")
+    p.add_argument("--model", help="bundle directory (default: the offline default model, or $VLM_CHAT_DEFAULT_MODEL)")
     p.add_argument("--data", nargs="+", required=True, help="test files (triples with 'type', captions)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -264,12 +264,13 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from training.evaluate import evaluate, markdown_table, plot_by_type
+    from vlm_chat.defaults import resolve_model
     from vlm_chat.errors import UserFacingError
     from vlm_chat.model import VisionLanguageModel
 
     if args.batch_size < 1:
         raise UserFacingError("--batch-size must be at least 1")
-    model, processor = VisionLanguageModel.from_pretrained(args.model, device=args.device)
+    model, processor = VisionLanguageModel.from_pretrained(resolve_model(args.model), device=args.device)
     scores = evaluate(model, processor, args.data, args.batch_size, args.max_new_tokens, args.limit, args.skip_bad)
     if args.out:
         out = Path(args.out)

@@ -47,7 +47,7 @@ class Recipe:
         "batch_size": 16, "lr": 1e-3, "warmup": 0.03, "epochs": 1, "log_every": 10,
         "save_every_minutes": 5, "eval_every": 0, "eval_max_batches": 8, "val_fraction": 0.01,
     })
-    instruct_conversations: int = 9000  # multi-turn conversations about scene images
+    instruct_conversations: int = 5000  # multi-turn conversations about scene images
     turns_per_conversation: tuple[int, int] = (3, 6)
     describe_share: float = 0.25  # conversations that open with "Describe this image."
     caption_singles: int = 1200  # describe turns on Fashion-MNIST, emoji, clip art and word images
