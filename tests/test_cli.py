@@ -102,3 +102,10 @@ def test_default_model_is_used_without_model_flag(cli_bundle, monkeypatch, capsy
     from cli.main import build_parser
 
     assert config_from_args(build_parser().parse_args(["serve"])).model == str(cli_bundle)
+    # `--model default` names it explicitly (train on top of it), unless ./default exists.
+    from vlm_chat.defaults import resolve_model
+
+    assert resolve_model("default") == str(cli_bundle)
+    monkeypatch.chdir(cli_bundle.parent)
+    (cli_bundle.parent / "default").mkdir(exist_ok=True)
+    assert resolve_model("default") == "default"

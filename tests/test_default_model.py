@@ -109,3 +109,23 @@ def test_ship_copies_trained_parts_and_leaves_the_llm_a_reference(tiny_bundle, t
     assert (out / "scores.json").is_file() and not (out / "absent.json").exists()
     assert not (out / "llm").exists()
     assert result["megabytes"] < 50
+
+
+def test_report_says_which_bars_are_met_and_by_how_much_others_are_missed():
+    from training.default_model import report
+
+    scores = {
+        "accuracy": 0.9, "n": 100,
+        "by_type": {"count": {"accuracy": 0.7, "n": 20}, "color": {"accuracy": 0.95, "n": 20},
+                    "position": {"accuracy": 0.91, "n": 20}, "read": {"accuracy": 0.5, "n": 4}},
+        "yes_no": {"n": 40, "accuracy": 0.9, "precision": 0.9, "recall": 0.9, "f1": 0.9, "yes_share": 0.62, "true_yes_share": 0.5},
+        "captions": {"n": 5, "bleu4": 0.25, "cider": 1.5},
+    }
+    state = {"stages": {"corpus": {"seconds": 0.0, "result": {"reused": "/x/corpus"}}, "instruct": {"seconds": 600.0, "result": None}}}
+    text = report(scores, {"tuned_with_image": {"hits": 7, "n": 8}}, state)
+    assert "| counting | 70.0 % | ≥ 75 % | missed by 5.0 pts |" in text
+    assert "| colour | 95.0 % | ≥ 90 % | met |" in text
+    assert "| yes/no: \"yes\" share minus true share | 12.0 % | ≤ 10 % | missed by 2.0 pts |" in text
+    assert "| read (n 4) | 50.0 % |" in text
+    assert "1.500" in text and "7 / 8" in text
+    assert "| instruct | 10.0 min |" in text and "(reused: corpus)" in text

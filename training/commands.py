@@ -213,9 +213,10 @@ def _data_check(args: argparse.Namespace) -> int:
 
     processor, limit = None, 0
     if args.model:
+        from vlm_chat.defaults import resolve_model
         from vlm_chat.model import VisionLanguageModel
 
-        model, processor = VisionLanguageModel.from_pretrained(args.model, device="cpu", quantization="none")
+        model, processor = VisionLanguageModel.from_pretrained(resolve_model(args.model), device="cpu", quantization="none")
         limit = model.max_context
     good, problems = check_samples(args.files, processor, limit, full_decode=True)
     for problem in sorted(problems, key=lambda p: (p.file, p.row)):

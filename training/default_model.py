@@ -413,4 +413,58 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
             print(f"[{stage}] done in {stages[stage]['seconds']:.0f} s", flush=True)
         if stage == until:
             break
+    scores_file = w / "eval" / "scores.json"
+    if scores_file.is_file():
+        knowledge_file = w / "eval" / "knowledge.json"
+        knowledge = json.loads(knowledge_file.read_text()) if knowledge_file.is_file() else None
+        print(report(json.loads(scores_file.read_text()), knowledge, state))
     return state
+
+
+# -- the report -----------------------------------------------------------------------------
+
+# The bars of the default model on the corpus test split: (label, how to read it, bar, higher is better).
+BARS = (
+    ("VQA accuracy, overall", lambda s: s["accuracy"], 0.85, True),
+    ("counting", lambda s: s["by_type"]["count"]["accuracy"], 0.75, True),
+    ("colour", lambda s: s["by_type"]["color"]["accuracy"], 0.90, True),
+    ("position", lambda s: s["by_type"]["position"]["accuracy"], 0.90, True),
+    ("yes/no F1", lambda s: s["yes_no"]["f1"], 0.90, True),
+    ("yes/no: \"yes\" share minus true share", lambda s: abs(s["yes_no"]["yes_share"] - s["yes_no"]["true_yes_share"]), 0.10, False),
+)
+
+
+def report(scores: dict, knowledge: dict | None, state: dict | None) -> str:
+    """Markdown: results against the bars, the other measures, and the wall time of each stage."""
+    lines = ["| measure (corpus test split) | result | bar | |", "|---|---|---|---|"]
+    for label, read, bar, higher in BARS:
+        try:
+            value = read(scores)
+        except KeyError:
+            continue
+        met = value >= bar if higher else value <= bar
+        sign = "≥" if higher else "≤"
+        lines.append(f"| {label} | {100 * value:.1f} % | {sign} {100 * bar:.0f} % | {'met' if met else f'missed by {100 * abs(value - bar):.1f} pts'} |")
+    for name, row in scores.get("by_type", {}).items():
+        if name not in ("count", "color", "position"):
+            lines.append(f"| {name} (n {row['n']}) | {100 * row['accuracy']:.1f} % | none | |")
+    if "yes_no" in scores:
+        yn = scores["yes_no"]
+        lines.append(f"| yes/no accuracy / precision / recall (n {yn['n']}) | {100 * yn['accuracy']:.1f} / "
+                     f"{100 * yn['precision']:.1f} / {100 * yn['recall']:.1f} % | none | |")
+        lines.append(f"| \"yes\" share (true share) | {100 * yn['yes_share']:.1f} % ({100 * yn['true_yes_share']:.1f} %) | | |")
+    if "captions" in scores:
+        cap = scores["captions"]
+        lines.append(f"| captions BLEU-4 / CIDEr (n {cap['n']} images) | {cap['bleu4']:.3f} / {cap['cider']:.3f} | none yet | |")
+    if knowledge:
+        for key, label in (("tuned_with_image", "tuned model, image attached"), ("base_without_image", "SmolLM2 before tuning, no image")):
+            if key in knowledge:
+                k = knowledge[key]
+                lines.append(f"| held-out general questions, {label} | {k['hits']} / {k['n']} | | |")
+    if state:
+        lines += ["", "| stage | wall time |", "|---|---|"]
+        for stage, info in state.get("stages", {}).items():
+            result = info.get("result") or {}
+            note = " (reused: " + Path(result["reused"]).name + ")" if isinstance(result, dict) and "reused" in result else ""
+            lines.append(f"| {stage} | {info['seconds'] / 60:.1f} min{note} |")
+    return "\n".join(lines)

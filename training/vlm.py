@@ -96,10 +96,11 @@ def prepare_samples(paths: list[str], processor, max_length: int, skip_bad: bool
 
 
 def run(config: VLMStageConfig):
+    from vlm_chat.defaults import resolve_model
     from vlm_chat.model import VisionLanguageModel
 
     quantization = "4bit" if config.qlora else "none"
-    model, processor = VisionLanguageModel.from_pretrained(config.model, device=config.device, quantization=quantization)
+    model, processor = VisionLanguageModel.from_pretrained(resolve_model(config.model), device=config.device, quantization=quantization)
     max_length = model.max_context
     samples = prepare_samples(config.data, processor, max_length, config.skip_bad, "training")
     if config.val:

@@ -346,10 +346,11 @@ def _register_export(subparsers) -> None:
 
 
 def _export(args) -> int:
+    from vlm_chat.defaults import resolve_model
     from vlm_chat.export import export_hf_llava
     from vlm_chat.model import VisionLanguageModel
 
-    model, processor = VisionLanguageModel.from_pretrained(args.model, device="cpu", dtype="auto", quantization="none")
+    model, processor = VisionLanguageModel.from_pretrained(resolve_model(args.model), device="cpu", dtype="auto", quantization="none")
     export_hf_llava(model, processor, args.out)
     print(f"wrote {args.out}: load it with LlavaForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained")
     return 0
@@ -365,10 +366,11 @@ def _register_merge(subparsers) -> None:
 
 
 def _merge(args) -> int:
+    from vlm_chat.defaults import resolve_model
     from vlm_chat.errors import UserFacingError
     from vlm_chat.model import VisionLanguageModel
 
-    model, processor = VisionLanguageModel.from_pretrained(args.model, device="cpu", quantization="none")
+    model, processor = VisionLanguageModel.from_pretrained(resolve_model(args.model), device="cpu", quantization="none")
     if not model.config.adapter:
         raise UserFacingError(f"{args.model} has no LoRA adapter to merge")
     model.save_pretrained(args.out, processor, save_llm=True)

@@ -17,9 +17,15 @@ def default_model_dir() -> Path:
     return Path(os.environ.get("VLM_CHAT_DEFAULT_MODEL") or SHIPPED_DEFAULT)
 
 
+DEFAULT_NAME = "default"  # `--model default` names it explicitly (e.g. to train on top of it)
+
+
 def resolve_model(model: str | None) -> str:
-    """The --model given, else the default bundle, else a clear error."""
-    if model:
+    """The --model given, else the default bundle, else a clear error.
+
+    `--model default` means the default bundle unless a directory of that name exists here.
+    """
+    if model and not (model == DEFAULT_NAME and not Path(model).exists()):
         return model
     default = default_model_dir()
     if (default / CONFIG_NAME).is_file():
