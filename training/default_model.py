@@ -348,6 +348,7 @@ def ship(bundle: Path, out: Path, extra: dict[str, Path]) -> dict:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(bundle, out, ignore=lambda folder, names: [n for n in names if n in NOT_SHIPPED] if Path(folder) == bundle else [])
+    (out / "adapter" / "README.md").unlink(missing_ok=True)  # peft's empty model-card template; MODEL_CARD.md is ours
     for name, source in extra.items():
         if source.is_file():
             shutil.copy2(source, out / name)
