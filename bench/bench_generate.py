@@ -38,7 +38,8 @@ def run_variant(variant: str, bundle: str, new_tokens: int) -> dict:
     from vlm_chat.model import VisionLanguageModel
 
     torch.manual_seed(0)
-    model, processor = VisionLanguageModel.from_pretrained(bundle, device="cpu")
+    # As ask, chat and serve load it: a bundle's LoRA is folded into the weights (plain generate gets the same weights).
+    model, processor = VisionLanguageModel.from_pretrained(bundle, device="cpu", merge_adapter=True)
     tokenizer = processor.tokenizer
     image = None
     if variant == "ours+image":

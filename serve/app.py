@@ -34,9 +34,13 @@ def _build_engine(config: ServeConfig, executor) -> Engine:
 
     from vlm_chat.model import VisionLanguageModel
 
-    model, processor = VisionLanguageModel.from_pretrained(config.model, config.device, config.dtype, config.quantization)
+    adapters = find_adapters(config.adapters)
+    # With no extra adapters to switch between, the bundle's own LoRA is folded in (faster decoding).
+    model, processor = VisionLanguageModel.from_pretrained(
+        config.model, config.device, config.dtype, config.quantization, merge_adapter=not adapters
+    )
     name = Path(config.model).resolve().name
-    return Engine(model, processor, name, find_adapters(config.adapters), config.limits, executor)
+    return Engine(model, processor, name, adapters, config.limits, executor)
 
 
 def create_app(engine: Engine, config: ServeConfig):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from adapters.lora import LoraSettings
+from adapters.lora import LoraSettings, is_lora
 from cli.main import main
 from tests.conftest import build_tiny_bundle
 from training.data import IGNORE_INDEX, encode_for_training, load_samples
@@ -292,3 +292,18 @@ def test_yaml_config_and_flag_override(bundle, triples, tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 4
     assert train("--stage", "pretrain", "--out", tmp_path / "x") == 2
     assert "choose --stage one of: clip, align, instruct" in capsys.readouterr().err
+
+
+def test_merge_on_load_gives_the_same_logits_and_refuses_to_save(bundle, triples, tmp_path):
+
+    out = tmp_path / "run"
+    assert train("--stage", "instruct", "--model", bundle, "--data", triples, "--out", out, "--max-steps", 3,
+                 "--batch-size", 4, "--lr", 1e-2, "--val-fraction", 0) == 0
+    lora_model, processor = VisionLanguageModel.from_pretrained(out, device="cpu")
+    merged, _ = VisionLanguageModel.from_pretrained(out, device="cpu", merge_adapter=True)
+    assert is_lora(lora_model.language_model) and not is_lora(merged.language_model)
+    inputs = processor([user_message("what colour is this ?", [Image.new("RGB", (16, 16), (220, 30, 30))])])
+    with torch.no_grad():
+        torch.testing.assert_close(lora_model(**inputs).logits, merged(**inputs).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="inference only"):
+        merged.save_pretrained(tmp_path / "again", processor)

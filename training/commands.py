@@ -271,7 +271,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UserFacingError("--batch-size must be at least 1")
-    model, processor = VisionLanguageModel.from_pretrained(resolve_model(args.model), device=args.device)
+    model, processor = VisionLanguageModel.from_pretrained(resolve_model(args.model), device=args.device, merge_adapter=True)
     scores = evaluate(model, processor, args.data, args.batch_size, args.max_new_tokens, args.limit, args.skip_bad)
     if args.out:
         out = Path(args.out)

@@ -79,7 +79,9 @@ def load_model(args):
     from vlm_chat.defaults import resolve_model
     from vlm_chat.model import VisionLanguageModel
 
-    return VisionLanguageModel.from_pretrained(resolve_model(args.model), args.device, args.dtype, args.quantization)
+    return VisionLanguageModel.from_pretrained(
+        resolve_model(args.model), args.device, args.dtype, args.quantization, merge_adapter=True
+    )
 
 
 # -- ask / chat --------------------------------------------------------------------------
