@@ -69,7 +69,7 @@ def find_adapters(root: str | Path | None) -> dict[str, Path]:
 class Engine:
     def __init__(self, model, processor, name: str, adapters: dict[str, Path] | None = None,
                  limits: EngineLimits | None = None, executor: ThreadPoolExecutor | None = None):
-        from adapters.lora import ADAPTER_NAME, is_lora, load_lora
+        from adapters.lora import ADAPTER_NAME, load_lora
 
         self.executor = executor or model_thread()
         self.model = model
@@ -80,7 +80,7 @@ class Engine:
         self.last_stats = None  # of the most recent generation (for logs and tests)
         # A trained bundle's own adapter is peft's "default" and is part of the base model
         # (unless it was merged into the weights at load, see VisionLanguageModel.from_pretrained).
-        self._own_adapter = ADAPTER_NAME if model.config.adapter and is_lora(model.language_model) else None
+        self._own_adapter = ADAPTER_NAME if model.config.adapter and not model.adapter_merged else None
         self.adapters: list[str] = []
         for adapter_name, folder in (adapters or {}).items():
             if adapter_name in (BASE, name, ADAPTER_NAME):

@@ -27,6 +27,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from training.data import IMAGE
 from vlm_chat.errors import UserFacingError
 
 STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "eval", "ship")
@@ -193,7 +194,7 @@ _DESCRIBE = (
 def _conversation(conversation_id: str, image: str | None, turns: list[tuple[str, str]]) -> dict:
     messages = []
     for index, (question, answer) in enumerate(turns):
-        prefix = "<image>\n" if image and index == 0 else ""
+        prefix = f"{IMAGE}\n" if image and index == 0 else ""
         messages += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
     row = {"id": conversation_id, "conversations": messages}
     if image:

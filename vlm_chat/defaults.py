@@ -11,13 +11,11 @@ from vlm_chat.errors import UserFacingError
 # The offline default model ships here once it is built (`vlm_chat/assets/default`);
 # $VLM_CHAT_DEFAULT_MODEL points elsewhere.
 SHIPPED_DEFAULT = Path(__file__).resolve().parent / "assets" / "default"
+DEFAULT_NAME = "default"  # `--model default` names it explicitly (e.g. to train on top of it)
 
 
 def default_model_dir() -> Path:
     return Path(os.environ.get("VLM_CHAT_DEFAULT_MODEL") or SHIPPED_DEFAULT)
-
-
-DEFAULT_NAME = "default"  # `--model default` names it explicitly (e.g. to train on top of it)
 
 
 def resolve_model(model: str | None) -> str:
@@ -25,7 +23,7 @@ def resolve_model(model: str | None) -> str:
 
     `--model default` means the default bundle unless a directory of that name exists here.
     """
-    if model and not (model == DEFAULT_NAME and not Path(model).exists()):
+    if model and (model != DEFAULT_NAME or Path(model).exists()):
         return model
     default = default_model_dir()
     if (default / CONFIG_NAME).is_file():

@@ -111,6 +111,12 @@ class VisionLanguageModel(nn.Module):
             labels = labels.to(self.device)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
+    @property
+    def adapter_merged(self) -> bool:
+        """The bundle names an adapter but the LLM is no longer a LoRA model: it was folded
+        into the weights at load (`from_pretrained(merge_adapter=True)`)."""
+        return bool(self.config.adapter) and not is_lora(self.language_model)
+
     # -- files -----------------------------------------------------------------------
 
     def save_pretrained(
@@ -126,7 +132,7 @@ class VisionLanguageModel(nn.Module):
         copy them into the bundle as safetensors (LoRA on the vision tower is merged
         first; LoRA on the LLM is kept as an adapter unless `save_llm`).
         """
-        if getattr(self, "adapter_merged", False):
+        if self.adapter_merged:
             raise ConfigError("this model was loaded with merge_adapter=True (inference only); load the bundle without it to save")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -192,7 +198,6 @@ class VisionLanguageModel(nn.Module):
             quantized = any(getattr(model.language_model, f"is_loaded_in_{b}bit", False) for b in (4, 8))
             if merge_adapter and not quantized:
                 model.language_model = merge_lora(model.language_model)
-                model.adapter_merged = True
         if model.projector_tokens != config.num_image_tokens:
             raise ConfigError(
                 f"{directory}: config says {config.num_image_tokens} image tokens but the vision tower and "
