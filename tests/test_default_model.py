@@ -12,9 +12,8 @@ from tests.test_corpus import needs_sources
 from training.corpus import CorpusConfig, build_corpus
 from training.data import check_samples
 from training.default_model import (
-    KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_mixes,
+    KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_drill, write_mixes,
 )
-from vlm_chat.errors import UserFacingError
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
 
@@ -85,7 +84,7 @@ def test_distilled_turns_are_the_base_models_own_answers(corpus, tmp_path, tiny_
 
 
 @needs_sources
-def test_build_records_stage_times_skips_finished_stages_and_refuses_another_recipe(corpus, tmp_path, tiny_parts, capsys):
+def test_build_records_stage_times_skips_finished_stages_and_reruns_what_a_recipe_change_touches(corpus, tmp_path, tiny_parts, capsys):
     recipe = replace(SMALL, llm=str(tiny_parts["llm"]))
     paths = BuildPaths(work=tmp_path / "work", corpus=corpus, clip="shipped", out=tmp_path / "shipped")
     state = build_default(paths, recipe, until="mix")
@@ -96,8 +95,59 @@ def test_build_records_stage_times_skips_finished_stages_and_refuses_another_rec
     capsys.readouterr()
     build_default(paths, recipe, until="mix")
     assert capsys.readouterr().out.count("skipped") == 4
-    with pytest.raises(UserFacingError, match="different recipe"):
-        build_default(paths, replace(recipe, seed=1), until="mix")
+    # A mix setting changed: corpus, CLIP and bundle are kept, mix runs again.
+    bundle_written = (paths.work / "bundle" / "projector.safetensors").stat().st_mtime_ns
+    state = build_default(paths, replace(recipe, instruct_conversations=12), until="mix")
+    out = capsys.readouterr().out
+    assert "[mix] the recipe changed here" in out and out.count("skipped") == 3
+    assert (paths.work / "bundle" / "projector.safetensors").stat().st_mtime_ns == bundle_written
+    assert len(_rows(paths.work / "instruct_images.jsonl")) == 12 + recipe.caption_singles
+    assert json.loads((paths.work / "state.json").read_text())["recipe"]["instruct_conversations"] == 12
+    # Outputs of a stage that must run again are deleted (a training stage would resume from them).
+    (paths.work / "eval" / "checkpoints").mkdir(parents=True)
+    build_default(paths, replace(recipe, instruct_conversations=12, eval_batch_size=4), until="mix")
+    assert "[eval] the recipe changed here: eval, ship run again" in capsys.readouterr().out
+    assert not (paths.work / "eval").exists() and (paths.work / "bundle").is_dir()
+
+
+def test_a_recipe_change_reruns_from_the_first_stage_that_reads_it():
+    from dataclasses import asdict
+
+    from training.default_model import STAGE_FIELDS, STAGES, first_changed_stage
+
+    base = asdict(Recipe())
+    assert set(STAGE_FIELDS) == set(STAGES)
+    assert set(base) == {name for names in STAGE_FIELDS.values() for name in names}  # every field is read somewhere
+    assert first_changed_stage(base, dict(base)) is None
+    assert first_changed_stage(None, base) is None  # a fresh work dir
+    assert first_changed_stage(base, {**base, "seed": 1}) == "corpus"
+    assert first_changed_stage(base, {**base, "drill": {**base["drill"], "lr": 1e-4}}) == "drill"
+    assert first_changed_stage(base, {**base, "eval_batch_size": 8}) == "eval"
+    older = {k: v for k, v in base.items() if not k.startswith("drill")}  # a state.json from before the drill stage
+    assert first_changed_stage(older, base) == "drill"
+
+
+@needs_sources
+def test_drill_asks_many_questions_about_scenes_instruct_did_not_use(corpus, tmp_path):
+    recipe = replace(SMALL, drill_conversations=15, drill_turns=(3, 4))
+    write_mixes(corpus, tmp_path, recipe)
+    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
+    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    counts = write_drill(corpus, tmp_path, recipe)
+    rows = _rows(tmp_path / "drill.jsonl")
+    good, problems = check_samples([tmp_path / "drill.jsonl"])
+    assert not problems and len(good) == len(rows) == counts["scene_conversations"] + 1
+    drills = [r for r in rows if r["id"].startswith("drill:")]
+    instruct_images = {r.get("image") for r in _rows(tmp_path / "instruct_images.jsonl")}
+    assert drills and not {r["image"] for r in drills} & instruct_images
+    assert all(len(r["conversations"]) >= 2 * 3 for r in drills)
+    assert counts["questions"] == sum(len(r["conversations"]) // 2 for r in drills)
+    again = tmp_path / "again"
+    again.mkdir()
+    for name in ("instruct_images.jsonl", "text_turns.jsonl"):
+        (again / name).write_bytes((tmp_path / name).read_bytes())
+    write_drill(corpus, again, recipe)
+    assert (again / "drill.jsonl").read_bytes() == (tmp_path / "drill.jsonl").read_bytes()
 
 
 def test_ship_copies_trained_parts_and_leaves_the_llm_a_reference(tiny_bundle, tmp_path):

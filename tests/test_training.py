@@ -307,3 +307,34 @@ def test_merge_on_load_gives_the_same_logits_and_refuses_to_save(bundle, triples
         torch.testing.assert_close(lora_model(**inputs).logits, merged(**inputs).logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ConfigError, match="inference only"):
         merged.save_pretrained(tmp_path / "again", processor)
+
+
+def test_answer_only_loss_equals_the_full_loss_and_its_gradients(bundle, triples):
+    """Training computes the output head only where labels are; same loss, same gradients."""
+    from functools import partial
+
+    from training.data import ConversationDataset, collate
+    from training.vlm import prepare_samples
+
+    model, processor = VisionLanguageModel.from_pretrained(bundle, device="cpu")
+    apply_plan(model, TrainablePlan(vision="frozen", projector="full", llm="lora"), LoraSettings(r=4))
+    samples = prepare_samples([str(triples)], processor, model.max_context, False, "training")[:4]
+    batch = partial(collate, pad_id=processor.tokenizer.pad_token_id)(
+        [ConversationDataset(samples, processor, model.max_context)[i] for i in range(4)])
+    assert (batch["labels"] == IGNORE_INDEX).sum() > (batch["labels"] != IGNORE_INDEX).sum()  # prompts are masked
+    model.eval()  # no dropout, so both passes see the same network
+
+    def loss_and_grads(**flags):
+        model.zero_grad()
+        loss = model(**batch, **flags).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full, full_grads = loss_and_grads()
+    fast, fast_grads = loss_and_grads(loss_only=True)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    assert full_grads.keys() == fast_grads.keys() and len(full_grads) > 0
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids=batch["input_ids"], loss_only=True)

@@ -9,12 +9,16 @@
   align     projector only, on captions
   instruct  LoRA on the LLM, projector and vision tower, on multi-turn questions
             about scenes, captions as "Describe this image." and the text turns
+  drill     more of instruct on scenes it has not seen, mostly questions (6-10
+            per conversation), higher projector learning rate, bf16 autocast
   eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
 Every stage records its wall time in WORK/state.json; a stage that finished is
 skipped when the command runs again, and a training stage that was killed resumes
-from its last checkpoint.
+from its last checkpoint. When the recipe changes, the first stage whose settings
+changed and every stage after it run again (their old outputs are deleted); the
+stages before it are kept.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 from training.data import IMAGE
 from vlm_chat.errors import UserFacingError
 
-STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "eval", "ship")
+STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "eval", "ship")
 SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "vlm_chat" / "assets" / "clip"
 
 
@@ -58,9 +62,34 @@ class Recipe:
         "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
         "eval_max_batches": 10, "val_fraction": 0.01,
     })
+    drill_conversations: int = 6000  # on training scenes that instruct did not use
+    drill_turns: tuple[int, int] = (6, 10)
+    drill_describe_share: float = 0.1
+    drill: dict = field(default_factory=lambda: {
+        "batch_size": 8, "lr": 1e-3, "projector_lr": 1e-3, "vision": "full", "vision_lr": 3e-5,
+        "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
+        "eval_max_batches": 10, "val_fraction": 0.01, "mixed_precision": "bf16",
+    })
     eval_questions: int = 3000
     eval_caption_images: int = 400
     eval_batch_size: int = 32
+
+
+# The recipe fields each stage reads; a change to one reruns that stage and all after it.
+STAGE_FIELDS = {
+    "corpus": ("seed",),
+    "clip": ("seed",),
+    "bundle": ("seed", "llm", "projector", "token_reduction", "reduction_factor"),
+    "mix": ("seed", "align_images", "instruct_conversations", "turns_per_conversation", "describe_share",
+            "caption_singles", "eval_questions", "eval_caption_images"),
+    "distill": ("seed", "text_copies"),
+    "align": ("seed", "align"),
+    "instruct": ("seed", "instruct"),
+    "drill": ("seed", "drill_conversations", "drill_turns", "drill_describe_share", "drill"),
+    "eval": ("eval_batch_size",),
+    "ship": (),
+}
+STAGE_OUTPUTS = {"align": ("align",), "instruct": ("instruct",), "drill": ("drill", "drill.jsonl"), "eval": ("eval",)}
 
 
 # -- general text prompts the base LLM answers for itself (self-distillation) ---------------
@@ -183,6 +212,30 @@ def write_mixes(corpus: Path, work: Path, recipe: Recipe) -> dict:
     _write_jsonl(work / "eval_captions.jsonl", eval_captions)
     return {"align": len(align), "instruct_image_conversations": len(instruct),
             "eval_questions": len(eval_triples), "eval_caption_images": len(picked)}
+
+
+def write_drill(corpus: Path, work: Path, recipe: Recipe) -> dict:
+    """drill.jsonl: long question conversations about training scenes the instruct mix
+    did not use, a few opening with a caption, plus the distilled text turns again."""
+    rng = random.Random(recipe.seed + 3)
+    used = {row["id"].removeprefix("scene:") for row in _read_jsonl(work / "instruct_images.jsonl")}
+    triples = _group(_read_jsonl(corpus / "triples_train.jsonl"))
+    captions = _group(_read_jsonl(corpus / "captions_train.jsonl"))
+    fresh = sorted(n for n in triples if n not in used)
+    low, high = recipe.drill_turns
+    rows = []
+    for n in rng.sample(fresh, min(recipe.drill_conversations, len(fresh))):
+        chosen = rng.sample(triples[n], min(rng.randint(low, high), len(triples[n])))
+        turns = [(t["question"], t["answer"]) for t in chosen]
+        if captions.get(n) and rng.random() < recipe.drill_describe_share:
+            turns.insert(0, (rng.choice(_DESCRIBE), rng.choice(captions[n])["caption"]))
+        rows.append(_conversation(f"drill:{n}", str((corpus / n).resolve()), turns))
+    text = _read_jsonl(work / "text_turns.jsonl")
+    mixed = rows + text
+    rng.shuffle(mixed)
+    _write_jsonl(work / "drill.jsonl", mixed)
+    return {"scene_conversations": len(rows), "questions": sum(len(r["conversations"]) // 2 for r in rows),
+            "text_turns": len(text), "fresh_scenes": len(fresh)}
 
 
 _DESCRIBE = (
@@ -334,13 +387,18 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
             "train", "--stage", "instruct", "--model", str(w / "align"), "--data", str(w / "instruct.jsonl"),
             "--out", str(w / "instruct"), "--seed", str(recipe.seed), "--resume", *_flags(recipe.instruct),
         ],
+        "drill": [
+            "train", "--stage", "instruct", "--model", str(w / "instruct"), "--data", str(w / "drill.jsonl"),
+            "--out", str(w / "drill"), "--seed", str(recipe.seed), "--resume", *_flags(recipe.drill),
+        ],
         "eval": [
-            "eval", "--model", str(w / "instruct"), "--data", str(w / "eval_triples.jsonl"), str(w / "eval_captions.jsonl"),
+            "eval", "--model", str(w / FINAL_STAGE), "--data", str(w / "eval_triples.jsonl"), str(w / "eval_captions.jsonl"),
             "--batch-size", str(recipe.eval_batch_size), "--out", str(w / "eval"),
         ],
     }
 
 
+FINAL_STAGE = "drill"  # the training stage whose bundle is evaluated and shipped
 NOT_SHIPPED = ("checkpoints",)  # the bundle itself is the result; optimizer states stay in WORK
 
 
@@ -357,20 +415,39 @@ def ship(bundle: Path, out: Path, extra: dict[str, Path]) -> dict:
     return {"out": str(out), "megabytes": round(size / 2**20, 1)}
 
 
+def first_changed_stage(before: dict | None, after: dict) -> str | None:
+    """The first stage (in build order) that reads a recipe field whose value changed."""
+    if before is None:
+        return None
+    for stage in STAGES:
+        if any(before.get(name) != after.get(name) for name in STAGE_FIELDS[stage]):
+            return stage
+    return None
+
+
 def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -> dict:
     """Run (or continue) the build; returns the state with per-stage wall times."""
     paths.work.mkdir(parents=True, exist_ok=True)
     state_file = paths.work / "state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     wanted = json.loads(json.dumps(asdict(recipe)))
-    if state.get("recipe") not in (None, wanted):
-        raise UserFacingError(
-            f"{paths.work} holds a build made with a different recipe; use another --work dir or delete {state_file}"
-        )
-    state["recipe"] = wanted
     stages = state.setdefault("stages", {})
-    commands = stage_commands(paths, recipe)
     w = paths.work
+    changed = first_changed_stage(state.get("recipe"), wanted) if stages else None
+    if changed:
+        stale = STAGES[STAGES.index(changed):]
+        print(f"[{changed}] the recipe changed here: {', '.join(stale)} run again", flush=True)
+        for stage in stale:
+            stages.pop(stage, None)
+            for name in STAGE_OUTPUTS.get(stage, ()):
+                target = w / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+    state["recipe"] = wanted
+    state_file.write_text(json.dumps(state, indent=1))  # a kill from here on resumes, not re-deletes
+    commands = stage_commands(paths, recipe)
 
     def corpus():
         if (paths.corpus / "manifest.json").is_file():
@@ -382,10 +459,15 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
             return {"reused": str(SHIPPED_CLIP)}
         _cli(commands["clip"])
 
+    def drill():
+        written = write_drill(paths.corpus, w, recipe)
+        _cli(commands["drill"])
+        return written
+
     def evaluate():
         _cli(commands["eval"])
         first_image = _read_jsonl(w / "eval_triples.jsonl")[0]["image"]
-        result = {"tuned_with_image": knowledge_check(w / "instruct", first_image),
+        result = {"tuned_with_image": knowledge_check(w / FINAL_STAGE, first_image),
                   "base_without_image": knowledge_check(w / "bundle", None)}
         (w / "eval" / "knowledge.json").write_text(json.dumps(result, indent=1))
         return {k: f"{v['hits']}/{v['n']}" for k, v in result.items()}
@@ -398,8 +480,9 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         "distill": lambda: distill_text_turns(w / "bundle", w, recipe),
         "align": lambda: _cli(commands["align"]),
         "instruct": lambda: _cli(commands["instruct"]),
+        "drill": drill,
         "eval": evaluate,
-        "ship": lambda: ship(w / "instruct", paths.out, {
+        "ship": lambda: ship(w / FINAL_STAGE, paths.out, {
             "recipe.json": state_file, "scores.json": w / "eval" / "scores.json", "knowledge.json": w / "eval" / "knowledge.json",
         }),
     }

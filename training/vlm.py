@@ -132,7 +132,7 @@ def run(config: VLMStageConfig):
     pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     result = train(
         model,
-        lambda m, batch: m(**batch).loss,
+        lambda m, batch: m(**batch, loss_only=True).loss,
         groups,
         ConversationDataset(samples, processor, max_length),
         partial(collate, pad_id=pad),
