@@ -5,9 +5,11 @@
 Both sides train the same model (the bundle's SmolLM2 + projector, LoRA r=16 on all
 LLM linear layers, frozen vision tower) on the same batches of generated
 (image, question, answer) triples. "ours" is `vlm-chat train --stage instruct`
-(accelerate, gradient clipping, cosine schedule, progress bar, metrics log);
-"bare" is forward / backward / AdamW step in a plain for-loop. The first two steps
-of each are warm-up and not timed.
+(accelerate, gradient clipping, cosine schedule, progress bar, metrics log, the
+output head computed only where labels are), once in fp32 and once with
+`--mixed-precision bf16` (autocast; pays off on CPUs with AMX or AVX512-BF16);
+"bare" is forward (the model's full loss) / backward / AdamW step in a plain
+for-loop. The first two steps of each are warm-up and not timed.
 """
 
 from __future__ import annotations
@@ -72,10 +74,10 @@ def bare_loop(bundle: str, data: Path, steps: int, batch_size: int) -> float:
     return timed_samples / (time.perf_counter() - start)
 
 
-def ours(bundle: str, data: Path, steps: int, batch_size: int, out: Path) -> float:
+def ours(bundle: str, data: Path, steps: int, batch_size: int, out: Path, precision: str = "no") -> float:
     cmd = [sys.executable, "-m", "cli", "train", "--stage", "instruct", "--model", bundle, "--data", str(data),
            "--out", str(out), "--max-steps", str(steps), "--batch-size", str(batch_size), "--log-every", "1",
-           "--val-fraction", "0", "--save-every", "0"]
+           "--val-fraction", "0", "--save-every", "0", "--mixed-precision", precision]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "samples_per_s" in r and r["step"] > WARMUP]
@@ -98,12 +100,14 @@ def main() -> None:
         data = make_triples(tmp / "data", 64)
         bare = bare_loop(bundle, data, args.steps, args.batch_size)
         ours_speed = ours(bundle, data, args.steps, args.batch_size, tmp / "run")
+        ours_bf16 = ours(bundle, data, args.steps, args.batch_size, tmp / "run-bf16", "bf16")
         bare_again = bare_loop(bundle, data, args.steps, args.batch_size)  # bracket ours against drift
     base = (bare + bare_again) / 2
     print(f"LoRA instruct stage, batch {args.batch_size}, {args.steps - WARMUP} timed steps")
-    print(f"{'loop':<6} {'samples/s':>10} {'vs bare':>8}")
-    print(f"{'bare':<6} {base:>10.2f} {1.0:>8.3f}   (runs: {bare:.2f}, {bare_again:.2f})")
-    print(f"{'ours':<6} {ours_speed:>10.2f} {ours_speed / base:>8.3f}")
+    print(f"{'loop':<11} {'samples/s':>10} {'vs bare':>8}")
+    print(f"{'bare':<11} {base:>10.2f} {1.0:>8.3f}   (runs: {bare:.2f}, {bare_again:.2f})")
+    print(f"{'ours':<11} {ours_speed:>10.2f} {ours_speed / base:>8.3f}")
+    print(f"{'ours, bf16':<11} {ours_bf16:>10.2f} {ours_bf16 / base:>8.3f}")
 
 
 if __name__ == "__main__":

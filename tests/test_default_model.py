@@ -179,3 +179,27 @@ def test_report_says_which_bars_are_met_and_by_how_much_others_are_missed():
     assert "| read (n 4) | 50.0 % |" in text
     assert "1.500" in text and "7 / 8" in text
     assert "| instruct | 10.0 min |" in text and "(reused: corpus)" in text
+
+
+@needs_sources
+def test_an_interrupted_stage_counts_the_time_spent_before_the_kill(corpus, tmp_path, tiny_parts, monkeypatch):
+    import training.default_model as recipe_module
+
+    recipe = replace(SMALL, llm=str(tiny_parts["llm"]))
+    paths = BuildPaths(work=tmp_path / "work", corpus=corpus, clip="shipped", out=tmp_path / "shipped")
+    real_write_mixes = recipe_module.write_mixes
+
+    def killed(*args):
+        import time
+
+        time.sleep(0.3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe_module, "write_mixes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_default(paths, recipe, until="mix")
+    state = json.loads((paths.work / "state.json").read_text())
+    assert "mix" not in state["stages"] and state["unfinished_seconds"]["mix"] >= 0.3
+    monkeypatch.setattr(recipe_module, "write_mixes", real_write_mixes)
+    state = build_default(paths, recipe, until="mix")
+    assert state["stages"]["mix"]["seconds"] >= 0.3 and "mix" not in state["unfinished_seconds"]

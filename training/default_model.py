@@ -14,8 +14,8 @@
   eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
-Every stage records its wall time in WORK/state.json; a stage that finished is
-skipped when the command runs again, and a training stage that was killed resumes
+Every stage records its wall time in WORK/state.json (summed over interrupted
+runs); a stage that finished is skipped when the command runs again, and a training stage that was killed resumes
 from its last checkpoint. When the recipe changes, the first stage whose settings
 changed and every stage after it run again (their old outputs are deleted); the
 stages before it are kept.
@@ -439,6 +439,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         print(f"[{changed}] the recipe changed here: {', '.join(stale)} run again", flush=True)
         for stage in stale:
             stages.pop(stage, None)
+            state.get("unfinished_seconds", {}).pop(stage, None)
             for name in STAGE_OUTPUTS.get(stage, ()):
                 target = w / name
                 if target.is_dir():
@@ -446,6 +447,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
                 elif target.exists():
                     target.unlink()
     state["recipe"] = wanted
+    partial = state.setdefault("unfinished_seconds", {})  # stages that were interrupted, time spent so far
     state_file.write_text(json.dumps(state, indent=1))  # a kill from here on resumes, not re-deletes
     commands = stage_commands(paths, recipe)
 
@@ -492,8 +494,14 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         else:
             print(f"[{stage}] starting", flush=True)
             start = time.monotonic()
-            result = runners[stage]()
-            stages[stage] = {"seconds": round(time.monotonic() - start, 1), "result": result}
+            try:
+                result = runners[stage]()
+            except BaseException:  # killed or failed: the time spent so far still counts
+                partial[stage] = round(partial.get(stage, 0.0) + time.monotonic() - start, 1)
+                state_file.write_text(json.dumps(state, indent=1))
+                raise
+            spent = partial.pop(stage, 0.0) + time.monotonic() - start
+            stages[stage] = {"seconds": round(spent, 1), "result": result}
             state_file.write_text(json.dumps(state, indent=1))
             print(f"[{stage}] done in {stages[stage]['seconds']:.0f} s", flush=True)
         if stage == until:
