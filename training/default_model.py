@@ -182,15 +182,10 @@ def write_mixes(corpus: Path, work: Path, recipe: Recipe) -> dict:
 
     # instruct: several questions about one scene per conversation, so one image's
     # vision and projector cost is shared by 3-6 supervised answers.
-    instruct = []
-    scenes = sorted(triples)
-    low, high = recipe.turns_per_conversation
-    for n in rng.sample(scenes, min(recipe.instruct_conversations, len(scenes))):
-        chosen = rng.sample(triples[n], min(rng.randint(low, high), len(triples[n])))
-        turns = [(t["question"], t["answer"]) for t in chosen]
-        if captions.get(n) and rng.random() < recipe.describe_share:
-            turns.insert(0, (rng.choice(_DESCRIBE), rng.choice(captions[n])["caption"]))
-        instruct.append(_conversation(f"scene:{n}", image(n), turns))
+    instruct = _scene_conversations(
+        rng, "scene", sorted(triples), triples, captions, image,
+        recipe.instruct_conversations, recipe.turns_per_conversation, recipe.describe_share,
+    )
     others = [n for n in names if "/scene/" not in n]
     for n in rng.sample(others, min(recipe.caption_singles, len(others))):
         instruct.append(_conversation(f"describe:{n}", image(n), [(rng.choice(_DESCRIBE), rng.choice(captions[n])["caption"])]))
@@ -214,22 +209,37 @@ def write_mixes(corpus: Path, work: Path, recipe: Recipe) -> dict:
             "eval_questions": len(eval_triples), "eval_caption_images": len(picked)}
 
 
+def _scene_conversations(
+    rng: random.Random, prefix: str, scenes: list[str], triples: dict[str, list[dict]],
+    captions: dict[str, list[dict]], image, count: int, turns_range: tuple[int, int], describe_share: float,
+) -> list[dict]:
+    """`count` scenes drawn from `scenes`, each one conversation of several of its questions
+    (so one image's vision and projector cost is shared by all of them), some opening
+    with a caption as "Describe this image."."""
+    low, high = turns_range
+    rows = []
+    for n in rng.sample(scenes, min(count, len(scenes))):
+        chosen = rng.sample(triples[n], min(rng.randint(low, high), len(triples[n])))
+        turns = [(t["question"], t["answer"]) for t in chosen]
+        if captions.get(n) and rng.random() < describe_share:
+            turns.insert(0, (rng.choice(_DESCRIBE), rng.choice(captions[n])["caption"]))
+        rows.append(_conversation(f"{prefix}:{n}", image(n), turns))
+    return rows
+
+
 def write_drill(corpus: Path, work: Path, recipe: Recipe) -> dict:
     """drill.jsonl: long question conversations about training scenes the instruct mix
     did not use, a few opening with a caption, plus the distilled text turns again."""
     rng = random.Random(recipe.seed + 3)
-    used = {row["id"].removeprefix("scene:") for row in _read_jsonl(work / "instruct_images.jsonl")}
+    used = {row["id"].removeprefix("scene:") for row in _read_jsonl(work / "instruct_images.jsonl")
+            if row["id"].startswith("scene:")}
     triples = _group(_read_jsonl(corpus / "triples_train.jsonl"))
     captions = _group(_read_jsonl(corpus / "captions_train.jsonl"))
     fresh = sorted(n for n in triples if n not in used)
-    low, high = recipe.drill_turns
-    rows = []
-    for n in rng.sample(fresh, min(recipe.drill_conversations, len(fresh))):
-        chosen = rng.sample(triples[n], min(rng.randint(low, high), len(triples[n])))
-        turns = [(t["question"], t["answer"]) for t in chosen]
-        if captions.get(n) and rng.random() < recipe.drill_describe_share:
-            turns.insert(0, (rng.choice(_DESCRIBE), rng.choice(captions[n])["caption"]))
-        rows.append(_conversation(f"drill:{n}", str((corpus / n).resolve()), turns))
+    rows = _scene_conversations(
+        rng, "drill", fresh, triples, captions, lambda n: str((corpus / n).resolve()),
+        recipe.drill_conversations, recipe.drill_turns, recipe.drill_describe_share,
+    )
     text = _read_jsonl(work / "text_turns.jsonl")
     mixed = rows + text
     rng.shuffle(mixed)
@@ -432,14 +442,19 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     wanted = json.loads(json.dumps(asdict(recipe)))
     stages = state.setdefault("stages", {})
+    partial = state.setdefault("unfinished_seconds", {})  # stages that were interrupted, time spent so far
     w = paths.work
+
+    def save_state() -> None:
+        state_file.write_text(json.dumps(state, indent=1))
+
     changed = first_changed_stage(state.get("recipe"), wanted) if stages else None
     if changed:
         stale = STAGES[STAGES.index(changed):]
         print(f"[{changed}] the recipe changed here: {', '.join(stale)} run again", flush=True)
         for stage in stale:
             stages.pop(stage, None)
-            state.get("unfinished_seconds", {}).pop(stage, None)
+            partial.pop(stage, None)
             for name in STAGE_OUTPUTS.get(stage, ()):
                 target = w / name
                 if target.is_dir():
@@ -447,8 +462,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
                 elif target.exists():
                     target.unlink()
     state["recipe"] = wanted
-    partial = state.setdefault("unfinished_seconds", {})  # stages that were interrupted, time spent so far
-    state_file.write_text(json.dumps(state, indent=1))  # a kill from here on resumes, not re-deletes
+    save_state()  # a kill from here on resumes, not re-deletes
     commands = stage_commands(paths, recipe)
 
     def corpus():
@@ -498,11 +512,11 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
                 result = runners[stage]()
             except BaseException:  # killed or failed: the time spent so far still counts
                 partial[stage] = round(partial.get(stage, 0.0) + time.monotonic() - start, 1)
-                state_file.write_text(json.dumps(state, indent=1))
+                save_state()
                 raise
             spent = partial.pop(stage, 0.0) + time.monotonic() - start
             stages[stage] = {"seconds": round(spent, 1), "result": result}
-            state_file.write_text(json.dumps(state, indent=1))
+            save_state()
             print(f"[{stage}] done in {stages[stage]['seconds']:.0f} s", flush=True)
         if stage == until:
             break

@@ -107,34 +107,26 @@ class VisionLanguageModel(nn.Module):
         **kwargs,
     ):
         """The LLM's output (logits, loss when `labels` are given). With `loss_only` the
-        result holds just the loss, computed by `loss` (what training calls, through
-        forward so multi-GPU wrappers see the call)."""
-        if loss_only:
-            if labels is None:
-                raise ValueError("loss_only needs labels")
-            return CausalLMOutputWithPast(loss=self.loss(input_ids, labels, attention_mask, pixel_values))
+        result holds just the loss, computed by `_supervised_loss` (what training calls,
+        through forward so multi-GPU wrappers see the call)."""
+        if loss_only and labels is None:
+            raise ValueError("loss_only needs labels")
         inputs_embeds = self.embed(input_ids, pixel_values)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         if labels is not None:
             labels = labels.to(self.device)
+        if loss_only:
+            return CausalLMOutputWithPast(loss=self._supervised_loss(inputs_embeds, attention_mask, labels))
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
-    def loss(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+    def _supervised_loss(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over the supervised positions (labels != -100),
         the same number `forward(labels=...).loss` gives. The output head (49k x 576 on
         SmolLM2, a fifth of its weights) runs only where a label is, not on every image,
-        prompt and template token, which makes a training step about a fifth cheaper."""
-        inputs_embeds = self.embed(input_ids, pixel_values)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(self.device)
-        labels = labels.to(self.device)
+        prompt and template token, which makes a training step cheaper."""
         causal_lm = self.language_model.get_base_model() if is_lora(self.language_model) else self.language_model
         hidden = causal_lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
