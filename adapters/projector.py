@@ -92,9 +92,9 @@ def _lookup(table: dict, key: str, field: str):
 
 
 class Projector(nn.Module):
-    """Token reduction followed by the projection MLP."""
+    """Token reduction, the projection MLP, and optionally a learned position per image token."""
 
-    def __init__(self, config: ProjectorConfig, vision_dim: int, llm_dim: int):
+    def __init__(self, config: ProjectorConfig, vision_dim: int, llm_dim: int, num_input_tokens: int | None = None):
         super().__init__()
         reduce, width_mult = _lookup(TOKEN_REDUCTIONS, config.token_reduction, "projector.token_reduction")
         klass = _lookup(PROJECTORS, config.type, "projector.type")
@@ -104,6 +104,20 @@ class Projector(nn.Module):
         self.reduce = reduce
         self.factor = config.reduction_factor
         self.mlp = klass(vision_dim * width_mult(self.factor), llm_dim)
+        self.llm_dim = llm_dim
+        self.position_embedding: nn.Parameter | None = None
+        if config.position_embedding:
+            if num_input_tokens is None:
+                raise ConfigError("projector.position_embedding needs the vision tower's token count")
+            self.add_position_embedding(num_input_tokens)
+
+    def add_position_embedding(self, num_input_tokens: int) -> None:
+        """(P', D_lm) zeros: outputs are unchanged until it learns, so a trained bundle
+        can take one on and keep what it knows."""
+        weight = self.mlp.linear_1.weight
+        shape = (self.num_output_tokens(num_input_tokens), self.llm_dim)
+        self.position_embedding = nn.Parameter(torch.zeros(shape, device=weight.device, dtype=weight.dtype))
+        self.config.position_embedding = True
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
         if self.config.token_reduction == "none":
@@ -112,4 +126,7 @@ class Projector(nn.Module):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         x = self.reduce(image_features, self.factor)  # (N, P', D_v * width_mult)
-        return self.mlp(x)  # (N, P', D_lm)
+        x = self.mlp(x)  # (N, P', D_lm)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding  # (P', D_lm) broadcast over the N images
+        return x

@@ -12,12 +12,18 @@ default model), the shipped CLIP it started from, and a randomly initialised tow
 the same shape (the baseline: what a linear probe gets from architecture alone).
 If the trained towers sit far above the baseline but the VLM still fails these
 questions, the language side is the bottleneck; if they sit near it, the vision side is.
+
+A second table asks what the LLM can see of position: the flattened probes know each
+feature's slot, but the LLM reads image tokens one at a time by content. So one probe
+reads a single image embedding (the projector's output, what the LLM receives) and
+guesses its token's row and column; the baseline is chance (1 / grid side).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -48,6 +54,13 @@ def features(tower, processor, paths: list[Path], batch: int = 64) -> torch.Tens
         pixels = processor.preprocess_images(paths[start : start + batch])
         out.append(tower(pixels).flatten(1))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def token_embeddings(model, processor, paths: list[Path], batch: int = 64) -> torch.Tensor:
+    """(N, P', D_lm): the image embeddings the LLM receives, one per image token."""
+    return torch.cat([model.get_image_features(processor.preprocess_images(paths[s : s + batch]))
+                      for s in range(0, len(paths), batch)])
 
 
 def probe(train_x, train_y, test_x, test_y, classes: int | None, steps: int = 300) -> float:
@@ -111,6 +124,15 @@ def main() -> None:
         cell_acc, cell_all = probe(train_x, train_cells, test_x, test_cells, None)
         count_acc = probe(train_x, train_counts - 1, test_x, test_counts - 1, 6)
         rows.append((name, cell_acc, cell_all, count_acc, time.perf_counter() - start))
+    print("| image embeddings of the bundle | token's column, from its content alone | token's row | chance |")
+    print("|---|---|---|---|")
+    train_t, test_t = token_embeddings(model, processor, train_paths[:600]), token_embeddings(model, processor, test_paths[:200])
+    side = math.isqrt(train_t.shape[1])
+    slot_train, slot_test = torch.arange(train_t.shape[1]).repeat(len(train_t)), torch.arange(test_t.shape[1]).repeat(len(test_t))
+    flat_train, flat_test = train_t.flatten(0, 1), test_t.flatten(0, 1)
+    column = probe(flat_train, slot_train % side, flat_test, slot_test % side, side)
+    row = probe(flat_train, slot_train // side, flat_test, slot_test // side, side)
+    print(f"| {side}x{side} tokens, 600 / 200 scenes | {100 * column:.1f} % | {100 * row:.1f} % | {100 / side:.1f} % |\n")
     base = rows[-1]
     print(f"{args.train} train / {args.test} test scenes; linear probes on flattened patch features")
     print("| tower | cell occupied, per cell | all 9 cells right | total count | count vs baseline |")

@@ -13,6 +13,7 @@ from training.corpus import CorpusConfig, build_corpus
 from training.data import check_samples
 from training.default_model import (
     KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_drill, write_mixes,
+    write_review,
 )
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
@@ -148,6 +149,27 @@ def test_drill_asks_many_questions_about_scenes_instruct_did_not_use(corpus, tmp
         (again / name).write_bytes((tmp_path / name).read_bytes())
     write_drill(corpus, again, recipe)
     assert (again / "drill.jsonl").read_bytes() == (tmp_path / "drill.jsonl").read_bytes()
+
+
+@needs_sources
+def test_review_uses_scenes_no_earlier_stage_saw_and_brings_back_single_image_captions(corpus, tmp_path):
+    recipe = replace(SMALL, drill_conversations=10, drill_turns=(3, 4), review_conversations=8, review_turns=(5, 13),
+                     review_caption_singles=4)
+    write_mixes(corpus, tmp_path, recipe)
+    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
+    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    write_drill(corpus, tmp_path, recipe)
+    counts = write_review(corpus, tmp_path, recipe)
+    rows = _rows(tmp_path / "review.jsonl")
+    good, problems = check_samples([tmp_path / "review.jsonl"])
+    assert not problems and len(good) == len(rows) == counts["scene_conversations"] + 4 + 1
+    scenes = [r for r in rows if r["id"].startswith("review:")]
+    seen = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl") for r in _rows(tmp_path / name)}
+    assert len(scenes) == 8 and not {r["image"] for r in scenes} & seen
+    assert all(len(r["conversations"]) >= 2 * 5 for r in scenes)
+    singles = [r for r in rows if r["id"].startswith("describe:")]
+    assert len(singles) == 4 and all("/scene/" not in r["image"] and len(r["conversations"]) == 2 for r in singles)
+    assert counts["questions"] == sum(len(r["conversations"]) // 2 for r in scenes)
 
 
 def test_ship_copies_trained_parts_and_leaves_the_llm_a_reference(tiny_bundle, tmp_path):

@@ -58,6 +58,15 @@ def test_eval_command(tiny_parts, tmp_path, capsys):
     assert scores["n"] == 2 and set(scores["by_type"]) == {"color", "yesno"}
     assert scores["yes_no"]["n"] == 1 and scores["captions"]["n"] == 1
     assert (tmp_path / "eval" / "by_type.png").is_file() and (tmp_path / "eval" / "scores.json").is_file()
+    # Every answer is kept next to its question, expected answer and source row, and agrees with the scores.
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    questions = [p for p in predictions if "question" in p]
+    assert [(p["question"], p["answer"], p["row"]) for p in questions] == [
+        ("what colour is this ?", "red", 1), ("is there a dog ?", "no", 2)]
+    assert all(p["image"].endswith("red.png") and p["file"].endswith("test.jsonl") for p in questions)
+    assert sum(p["correct"] for p in questions) / 2 == scores["accuracy"]
+    [caption] = [p for p in predictions if "references" in p]
+    assert caption["references"] == ["a red square"] and isinstance(caption["prediction"], str)
     assert main(["eval", "--model", str(tmp_path / "bundle"), "--data", str(tmp_path / "missing.jsonl")]) == 2
 
 

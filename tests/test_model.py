@@ -175,3 +175,23 @@ def test_siglip_tower_keeps_every_token(tiny_parts, tmp_path, images):
     assert processor.num_image_tokens == 16  # no CLS token to add or drop
     inputs = ask(processor, "what ?", images[:1])
     assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_position_embedding_starts_as_a_no_op_and_marks_each_slot(tiny_parts, tmp_path, images):
+    model, processor = build_tiny_bundle(tiny_parts, tmp_path / "b")
+    pixel_values = ask(processor, "x", images[:1])["pixel_values"]
+    before = model.get_image_features(pixel_values)
+    assert model.add_position_embedding() and not model.add_position_embedding()  # added once
+    assert model.projector.position_embedding.shape == (processor.num_image_tokens, 32)
+    assert model.config.projector.position_embedding
+    torch.testing.assert_close(model.get_image_features(pixel_values), before)  # zeros: nothing changes yet
+    with torch.no_grad():
+        model.projector.position_embedding.copy_(torch.randn_like(model.projector.position_embedding))
+    after = model.get_image_features(pixel_values)
+    torch.testing.assert_close(after - before, model.projector.position_embedding.unsqueeze(0).expand_as(after))
+    # Saved in the projector's safetensors and switched on by the config; reloads as saved.
+    model.save_pretrained(tmp_path / "with_pos", processor)
+    loaded, _ = VisionLanguageModel.from_pretrained(tmp_path / "with_pos", device="cpu")
+    torch.testing.assert_close(loaded.get_image_features(pixel_values), after)
+    with pytest.raises(ConfigError, match="position_embedding"):
+        Projector(ProjectorConfig(position_embedding=True), 8, 12)  # needs the token count

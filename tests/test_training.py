@@ -338,3 +338,19 @@ def test_answer_only_loss_equals_the_full_loss_and_its_gradients(bundle, triples
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="needs labels"):
         model(input_ids=batch["input_ids"], loss_only=True)
+
+
+def test_position_embedding_joins_a_trained_bundle_and_learns(bundle, triples, tmp_path, capsys):
+    tuned = tmp_path / "tuned"
+    assert train("--stage", "instruct", "--model", bundle, "--data", triples, "--out", tuned, "--max-steps", 2,
+                 "--batch-size", 4, "--val-fraction", 0) == 0
+    out = tmp_path / "with_pos"
+    assert train("--stage", "instruct", "--model", tuned, "--data", triples, "--out", out, "--max-steps", 3,
+                 "--batch-size", 4, "--projector-lr", 1e-2, "--val-fraction", 0, "--position-embedding") == 0
+    model, _ = VisionLanguageModel.from_pretrained(out, device="cpu")
+    assert model.config.projector.position_embedding
+    assert model.projector.position_embedding.abs().sum() > 0  # it trained with the projector
+    assert main(["export", "--model", str(out), "--format", "hf-llava", "--out", str(tmp_path / "llava")]) == 2
+    assert train("--stage", "instruct", "--model", tuned, "--data", triples, "--out", tmp_path / "frozen",
+                 "--max-steps", 1, "--projector", "frozen", "--position-embedding") == 2
+    assert "use --projector full" in capsys.readouterr().err

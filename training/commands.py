@@ -142,6 +142,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     vlm.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 32)")
     vlm.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
     vlm.add_argument("--lora-targets", nargs="+", help="module names for LoRA (default: all linear layers)")
+    vlm.add_argument("--position-embedding", action="store_true",
+                     help="give the projector a learned vector per image token (zeros at first, so nothing the "
+                     "bundle knows is lost) if it has none; it trains with the projector")
     vlm.add_argument("--qlora", action="store_true", help="load the LLM in 4-bit (bitsandbytes NF4) and train LoRA on it")
     vlm.add_argument("--val-fraction", type=float, help="share of --data held out for eval loss when no --val (0.02)")
     vlm.add_argument("--skip-bad", action="store_true", help="train on the good rows when some rows are bad")
@@ -255,7 +258,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions and N captioned images")
     p.add_argument("--skip-bad", action="store_true", help="leave out bad rows instead of refusing")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
-    p.add_argument("--out", default=None, help="folder for scores.json and a bar chart per type (by_type.png)")
+    p.add_argument("--out", default=None, help="folder for scores.json, predictions.jsonl (every answer next to the expected one) and a bar chart per type (by_type.png)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_eval)
 
@@ -272,11 +275,14 @@ def _eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserFacingError("--batch-size must be at least 1")
     model, processor = VisionLanguageModel.from_pretrained(resolve_model(args.model), device=args.device, merge_adapter=True)
-    scores = evaluate(model, processor, args.data, args.batch_size, args.max_new_tokens, args.limit, args.skip_bad)
+    scores, predictions = evaluate(model, processor, args.data, args.batch_size, args.max_new_tokens, args.limit, args.skip_bad)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        with (out / "predictions.jsonl").open("w") as f:
+            for row in predictions:
+                f.write(json.dumps(row) + "\n")
         if scores.get("by_type"):
             plot_by_type(scores, out / "by_type.png")
     print(json.dumps(scores, indent=2) if args.json else markdown_table(scores))
@@ -292,7 +298,7 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
     actions.required = True
     build = actions.add_parser(
         "build",
-        help="corpus -> CLIP -> bundle -> align -> instruct -> eval -> ship (resumable)",
+        help="corpus -> CLIP -> bundle -> align -> instruct -> drill -> review -> eval -> ship (resumable)",
         description="Run the default model's recipe (training/default_model.py). Each stage's wall time goes "
         "to WORK/state.json; run the same command again after a kill and finished stages are skipped, "
         "a training stage resumes from its last checkpoint.",
@@ -303,7 +309,7 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
                        help="train the CLIP from scratch (default, about an hour) or take vlm_chat/assets/clip")
     build.add_argument("--out", help="where the finished model goes (default vlm_chat/assets/default)")
     build.add_argument("--until", help="stop after this stage (one of: corpus, clip, bundle, mix, distill, "
-                       "align, instruct, eval, ship)")
+                       "align, instruct, drill, review, eval, ship)")
     build.set_defaults(func=_default_build)
 
 

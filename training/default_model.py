@@ -11,6 +11,9 @@
             about scenes, captions as "Describe this image." and the text turns
   drill     more of instruct on scenes it has not seen, mostly questions (6-10
             per conversation), higher projector learning rate, bf16 autocast
+  review    scenes neither stage used, with all their questions, plus single-image
+            captions and the text turns again (the drill had no singles and its
+            captions suffered), fp32
   eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
@@ -34,7 +37,7 @@ from pathlib import Path
 from training.data import IMAGE
 from vlm_chat.errors import UserFacingError
 
-STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "eval", "ship")
+STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "review", "eval", "ship")
 SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "vlm_chat" / "assets" / "clip"
 
 
@@ -70,6 +73,18 @@ class Recipe:
         "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
         "eval_max_batches": 10, "val_fraction": 0.01, "mixed_precision": "bf16",
     })
+    review_conversations: int = 1200  # on training scenes neither instruct nor drill used
+    review_turns: tuple[int, int] = (8, 13)  # a scene has at most 13 questions: all of them, mostly
+    review_describe_share: float = 0.1
+    review_caption_singles: int = 330  # single-image describe turns, as instruct had
+    # The drill left the model at chance on left/right, though a linear probe reads a
+    # token's column off its projected features 84 % of the time: the review gives the
+    # projector a learned position per image token (zeros at first) to make it plain.
+    review: dict = field(default_factory=lambda: {
+        "batch_size": 8, "lr": 5e-4, "projector_lr": 1e-3, "position_embedding": True, "vision": "full", "vision_lr": 3e-5,
+        "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
+        "eval_max_batches": 10, "val_fraction": 0.01,
+    })
     eval_questions: int = 3000
     eval_caption_images: int = 400
     eval_batch_size: int = 32
@@ -86,10 +101,12 @@ STAGE_FIELDS = {
     "align": ("seed", "align"),
     "instruct": ("seed", "instruct"),
     "drill": ("seed", "drill_conversations", "drill_turns", "drill_describe_share", "drill"),
+    "review": ("seed", "review_conversations", "review_turns", "review_describe_share", "review_caption_singles", "review"),
     "eval": ("eval_batch_size",),
     "ship": (),
 }
-STAGE_OUTPUTS = {"align": ("align",), "instruct": ("instruct",), "drill": ("drill", "drill.jsonl"), "eval": ("eval",)}
+STAGE_OUTPUTS = {"align": ("align",), "instruct": ("instruct",), "drill": ("drill", "drill.jsonl"),
+                 "review": ("review", "review.jsonl"), "eval": ("eval",)}
 
 
 # -- general text prompts the base LLM answers for itself (self-distillation) ---------------
@@ -227,25 +244,54 @@ def _scene_conversations(
     return rows
 
 
-def write_drill(corpus: Path, work: Path, recipe: Recipe) -> dict:
-    """drill.jsonl: long question conversations about training scenes the instruct mix
-    did not use, a few opening with a caption, plus the distilled text turns again."""
-    rng = random.Random(recipe.seed + 3)
-    used = {row["id"].removeprefix("scene:") for row in _read_jsonl(work / "instruct_images.jsonl")
-            if row["id"].startswith("scene:")}
+def _used_scenes(work: Path, mixes: tuple[tuple[str, str], ...]) -> set[str]:
+    """Corpus names of the scenes earlier mixes (file, id prefix) already talked about."""
+    return {row["id"].removeprefix(prefix) for file, prefix in mixes for row in _read_jsonl(work / file)
+            if row["id"].startswith(prefix)}
+
+
+def _write_fresh_scene_mix(
+    corpus: Path, work: Path, name: str, rng: random.Random, used: set[str], conversations: int,
+    turns: tuple[int, int], describe_share: float, caption_singles: int = 0,
+) -> dict:
+    """WORK/<name>.jsonl: conversations about training scenes no earlier mix used, optional
+    describe turns on single (non-scene) images, and the distilled text turns, shuffled."""
     triples = _group(_read_jsonl(corpus / "triples_train.jsonl"))
     captions = _group(_read_jsonl(corpus / "captions_train.jsonl"))
+
+    def image(n: str) -> str:
+        return str((corpus / n).resolve())
+
     fresh = sorted(n for n in triples if n not in used)
-    rows = _scene_conversations(
-        rng, "drill", fresh, triples, captions, lambda n: str((corpus / n).resolve()),
-        recipe.drill_conversations, recipe.drill_turns, recipe.drill_describe_share,
-    )
+    rows = _scene_conversations(rng, name, fresh, triples, captions, image, conversations, turns, describe_share)
+    scenes = len(rows)
+    if caption_singles:
+        singles = sorted(n for n in captions if "/scene/" not in n)
+        for n in rng.sample(singles, min(caption_singles, len(singles))):
+            rows.append(_conversation(f"describe:{n}", image(n), [(rng.choice(_DESCRIBE), rng.choice(captions[n])["caption"])]))
     text = _read_jsonl(work / "text_turns.jsonl")
     mixed = rows + text
     rng.shuffle(mixed)
-    _write_jsonl(work / "drill.jsonl", mixed)
-    return {"scene_conversations": len(rows), "questions": sum(len(r["conversations"]) // 2 for r in rows),
-            "text_turns": len(text), "fresh_scenes": len(fresh)}
+    _write_jsonl(work / f"{name}.jsonl", mixed)
+    return {"scene_conversations": scenes, "questions": sum(len(r["conversations"]) // 2 for r in rows[:scenes]),
+            "caption_singles": len(rows) - scenes, "text_turns": len(text), "fresh_scenes": len(fresh)}
+
+
+def write_drill(corpus: Path, work: Path, recipe: Recipe) -> dict:
+    """drill.jsonl: long question conversations about training scenes the instruct mix
+    did not use, a few opening with a caption, plus the distilled text turns again."""
+    used = _used_scenes(work, (("instruct_images.jsonl", "scene:"),))
+    return _write_fresh_scene_mix(corpus, work, "drill", random.Random(recipe.seed + 3), used,
+                                  recipe.drill_conversations, recipe.drill_turns, recipe.drill_describe_share)
+
+
+def write_review(corpus: Path, work: Path, recipe: Recipe) -> dict:
+    """review.jsonl: scenes neither instruct nor drill used, with (nearly) all their
+    questions, single-image captions as in instruct, and the text turns."""
+    used = _used_scenes(work, (("instruct_images.jsonl", "scene:"), ("drill.jsonl", "drill:")))
+    return _write_fresh_scene_mix(corpus, work, "review", random.Random(recipe.seed + 4), used,
+                                  recipe.review_conversations, recipe.review_turns, recipe.review_describe_share,
+                                  recipe.review_caption_singles)
 
 
 _DESCRIBE = (
@@ -346,7 +392,11 @@ def knowledge_check(bundle: Path, image: str | None) -> dict:
 def _flags(settings: dict) -> list[str]:
     argv = []
     for key, value in settings.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):  # a switch: given or not
+            argv += [flag] if value else []
+        else:
+            argv += [flag, str(value)]
     return argv
 
 
@@ -401,6 +451,10 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
             "train", "--stage", "instruct", "--model", str(w / "instruct"), "--data", str(w / "drill.jsonl"),
             "--out", str(w / "drill"), "--seed", str(recipe.seed), "--resume", *_flags(recipe.drill),
         ],
+        "review": [
+            "train", "--stage", "instruct", "--model", str(w / "drill"), "--data", str(w / "review.jsonl"),
+            "--out", str(w / "review"), "--seed", str(recipe.seed), "--resume", *_flags(recipe.review),
+        ],
         "eval": [
             "eval", "--model", str(w / FINAL_STAGE), "--data", str(w / "eval_triples.jsonl"), str(w / "eval_captions.jsonl"),
             "--batch-size", str(recipe.eval_batch_size), "--out", str(w / "eval"),
@@ -408,7 +462,7 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
     }
 
 
-FINAL_STAGE = "drill"  # the training stage whose bundle is evaluated and shipped
+FINAL_STAGE = "review"  # the training stage whose bundle is evaluated and shipped
 NOT_SHIPPED = ("checkpoints",)  # the bundle itself is the result; optimizer states stay in WORK
 
 
@@ -480,6 +534,11 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         _cli(commands["drill"])
         return written
 
+    def review():
+        written = write_review(paths.corpus, w, recipe)
+        _cli(commands["review"])
+        return written
+
     def evaluate():
         _cli(commands["eval"])
         first_image = _read_jsonl(w / "eval_triples.jsonl")[0]["image"]
@@ -497,6 +556,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         "align": lambda: _cli(commands["align"]),
         "instruct": lambda: _cli(commands["instruct"]),
         "drill": drill,
+        "review": review,
         "eval": evaluate,
         "ship": lambda: ship(w / FINAL_STAGE, paths.out, {
             "recipe.json": state_file, "scores.json": w / "eval" / "scores.json", "knowledge.json": w / "eval" / "knowledge.json",

@@ -159,9 +159,12 @@ def to_parts(messages: list[dict[str, str]], images: list) -> list[dict]:
 
 
 def evaluate(model, processor, paths: list[str], batch_size: int = 8, max_new_tokens: int = 32,
-             limit: int = 0, skip_bad: bool = False, prompt: str = "Describe this image.") -> dict:
+             limit: int = 0, skip_bad: bool = False, prompt: str = "Describe this image.") -> tuple[dict, list[dict]]:
+    """(scores, predictions): one prediction row per question and per captioned image,
+    so a wrong answer can be looked at next to its question and image."""
     from tqdm import tqdm
 
+    from training.data import IMAGE
     from training.vlm import prepare_samples
     from vlm_chat.generation import GenerationSettings, generate_batch
 
@@ -179,7 +182,7 @@ def evaluate(model, processor, paths: list[str], batch_size: int = 8, max_new_to
     jobs += [([{"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": prompt}]}], path)
              for path in references]
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    items, captions = [], {}
+    items, captions, predictions = [], {}, []
     with tqdm(total=len(jobs), unit="sample", desc="eval") as bar:
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
@@ -187,10 +190,18 @@ def evaluate(model, processor, paths: list[str], batch_size: int = 8, max_new_to
             for (_, source), answer in zip(batch, answers):
                 if isinstance(source, str):
                     captions[source] = answer.strip()
+                    predictions.append({"image": source, "prediction": answer.strip(), "references": references[source]})
                 else:
-                    items.append(VQAItem(answer.strip(), source.messages[-1]["content"], source.type))
+                    item = VQAItem(answer.strip(), source.messages[-1]["content"], source.type)
+                    items.append(item)
+                    predictions.append({
+                        "file": source.file, "row": source.row, "image": str(source.images[0]) if source.images else None,
+                        "question": source.messages[-2]["content"].replace(IMAGE, "").strip(),
+                        "answer": item.answer, "prediction": item.prediction, "type": item.type,
+                        "correct": normalize_answer(item.prediction) == normalize_answer(item.answer),
+                    })
             bar.update(len(batch))
     scores = vqa_scores(items)
     if captions:
         scores["captions"] = caption_scores(captions, {k: references[k] for k in captions})
-    return scores
+    return scores, predictions

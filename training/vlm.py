@@ -44,6 +44,7 @@ class VLMStageConfig:
     projector_lr: float | None = None
     vision_lr: float | None = None
     qlora: bool = False
+    position_embedding: bool = False  # add one to the projector if the bundle has none
     skip_bad: bool = False
     device: str = "auto"
 
@@ -66,6 +67,7 @@ def config_from_settings(stage: str, settings: dict) -> VLMStageConfig:
         train=train_config, val=[val] if isinstance(val, str) else list(val), plan=plan, lora=lora,
         val_fraction=rest.pop("val_fraction", 0.02), projector_lr=rest.pop("projector_lr", None),
         vision_lr=rest.pop("vision_lr", None), qlora=bool(rest.pop("qlora", False)),
+        position_embedding=bool(rest.pop("position_embedding", False)),
         skip_bad=bool(rest.pop("skip_bad", False)), device=rest.pop("device", "auto"),
     )
     if rest:
@@ -101,6 +103,11 @@ def run(config: VLMStageConfig):
 
     quantization = "4bit" if config.qlora else "none"
     model, processor = VisionLanguageModel.from_pretrained(resolve_model(config.model), device=config.device, quantization=quantization)
+    if config.position_embedding and config.plan.projector == "frozen":
+        raise ConfigError("--position-embedding adds projector weights that must learn; use --projector full")
+    if config.position_embedding and model.add_position_embedding():
+        print(f"projector: added a learned position per image token ({model.projector_tokens} x "
+              f"{model.projector.llm_dim}, zeros)")
     max_length = model.max_context
     samples = prepare_samples(config.data, processor, max_length, config.skip_bad, "training")
     if config.val:

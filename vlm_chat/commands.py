@@ -279,6 +279,9 @@ def _register_build(subparsers) -> None:
     p.add_argument("--projector", default="mlp2x_gelu", help="linear or mlp2x_gelu")
     p.add_argument("--token-reduction", default="none", help="none, avg_pool or pixel_shuffle")
     p.add_argument("--reduction-factor", type=int, default=2)
+    p.add_argument("--position-embedding", action="store_true",
+                   help="a learned vector per image token, added after the projector, that tells the LLM where "
+                   "the token sits in the image (not exportable to hf-llava)")
     p.add_argument("--feature-layer", type=int, default=-2, help="vision hidden state fed to the projector")
     p.add_argument("--select-strategy", default=None, choices=["default", "full"],
                    help="default drops CLS (CLIP); full keeps all tokens (required for SigLIP). Default: by model")
@@ -325,7 +328,8 @@ def _build(args) -> int:
         vision=VisionConfig(name_or_path=vision_path, feature_layer=args.feature_layer, select_strategy=strategy),
         llm=llm_config_from_arg(args.llm, args.gguf_file, args.quantization),
         projector=ProjectorConfig(
-            type=args.projector, token_reduction=args.token_reduction, reduction_factor=args.reduction_factor
+            type=args.projector, token_reduction=args.token_reduction, reduction_factor=args.reduction_factor,
+            position_embedding=args.position_embedding,
         ),
         image=ImageConfig(aspect=args.aspect),
         max_context=args.max_context,

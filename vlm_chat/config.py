@@ -44,6 +44,10 @@ class ProjectorConfig:
     # the patch grid) or "pixel_shuffle" (f x f neighbours stacked into channels).
     token_reduction: str = "none"
     reduction_factor: int = 2
+    # A learned vector per image-token slot added to the projector's output, so each
+    # image token carries where it sits in the image in its own content (the LLM's
+    # rotary positions only tell it how far apart tokens are). No Llava equivalent.
+    position_embedding: bool = False
 
 
 @dataclass

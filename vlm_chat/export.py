@@ -53,6 +53,11 @@ def check_exportable(model) -> None:
             f"projector.token_reduction {config.projector.token_reduction!r} has no equivalent in "
             "transformers' Llava; only bundles without token reduction export to hf-llava"
         )
+    if config.projector.position_embedding:
+        raise ConfigError(
+            "projector.position_embedding (a learned vector per image token) has no equivalent in "
+            "transformers' Llava; only bundles without it export to hf-llava"
+        )
     if config.projector.type not in ("linear", "mlp2x_gelu"):
         raise ConfigError(f"projector {config.projector.type!r} has no Llava equivalent; use linear or mlp2x_gelu")
     if getattr(model.language_model, "is_quantized", False):

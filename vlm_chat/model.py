@@ -249,11 +249,18 @@ class VisionLanguageModel(nn.Module):
         )
         fit_embeddings_to_tokenizer(llm, len(tokenizer))
         # The projector trains in fp32 on CPU and in the compute dtype on GPU.
-        projector = Projector(config.projector, vision.hidden_size, llm.config.hidden_size)
+        projector = Projector(config.projector, vision.hidden_size, llm.config.hidden_size, vision.num_tokens)
         projector.to(device=torch_device, dtype=torch_dtype)
         model = cls(config, vision, projector, llm, tokenizer.convert_tokens_to_ids(config.image_token))
         model.eval()
         return model
+
+    def add_position_embedding(self) -> bool:
+        """Give the projector a (zero) learned position per image token; False if it has one."""
+        if self.projector.position_embedding is not None:
+            return False
+        self.projector.add_position_embedding(self.vision_tower.num_tokens)  # also sets its config flag
+        return True
 
     @property
     def projector_tokens(self) -> int:
