@@ -13,7 +13,8 @@
             per conversation), higher projector learning rate, bf16 autocast
   review    scenes neither stage used, with all their questions, plus single-image
             captions and the text turns again (the drill had no singles and its
-            captions suffered), fp32
+            captions suffered); the projector gains a learned position per image
+            token; fp32
   eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
