@@ -16,7 +16,8 @@ questions, the language side is the bottleneck; if they sit near it, the vision 
 A second table asks what the LLM can see of position: the flattened probes know each
 feature's slot, but the LLM reads image tokens one at a time by content. So one probe
 reads a single image embedding (the projector's output, what the LLM receives) and
-guesses its token's row and column; the baseline is chance (1 / grid side).
+guesses its token's row and column; the baseline is chance (1 / grid side). Next to it,
+the mean length of those embeddings against the LLM's own word embeddings.
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ def main() -> None:
     column = probe(flat_train, slot_train % side, flat_test, slot_test % side, side)
     row = probe(flat_train, slot_train // side, flat_test, slot_test // side, side)
     print(f"| {side}x{side} tokens, 600 / 200 scenes | {100 * column:.1f} % | {100 * row:.1f} % | {100 / side:.1f} % |\n")
+    # An image token far longer than a word embedding drowns small signals added to it.
+    words = model.language_model.get_input_embeddings().weight.norm(dim=-1).mean().item()
+    print(f"mean norm: image embeddings {test_t.norm(dim=-1).mean().item():.1f}, the LLM's word embeddings {words:.2f}\n")
     base = rows[-1]
     print(f"{args.train} train / {args.test} test scenes; linear probes on flattened patch features")
     print("| tower | cell occupied, per cell | all 9 cells right | total count | count vs baseline |")
