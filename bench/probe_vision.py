@@ -133,7 +133,7 @@ def main() -> None:
     flat_train, flat_test = train_t.flatten(0, 1), test_t.flatten(0, 1)
     column = probe(flat_train, slot_train % side, flat_test, slot_test % side, side)
     row = probe(flat_train, slot_train // side, flat_test, slot_test // side, side)
-    print(f"| {side}x{side} tokens, 600 / 200 scenes | {100 * column:.1f} % | {100 * row:.1f} % | {100 / side:.1f} % |\n")
+    print(f"| {side}x{side} tokens, {len(train_t)} / {len(test_t)} scenes | {100 * column:.1f} % | {100 * row:.1f} % | {100 / side:.1f} % |\n")
     # An image token far longer than a word embedding drowns small signals added to it.
     words = model.language_model.get_input_embeddings().weight.norm(dim=-1).mean().item()
     print(f"mean norm: image embeddings {test_t.norm(dim=-1).mean().item():.1f}, the LLM's word embeddings {words:.2f}\n")

@@ -204,9 +204,7 @@ def write_mixes(corpus: Path, work: Path, recipe: Recipe) -> dict:
         rng, "scene", sorted(triples), triples, captions, image,
         recipe.instruct_conversations, recipe.turns_per_conversation, recipe.describe_share,
     )
-    others = [n for n in names if "/scene/" not in n]
-    for n in rng.sample(others, min(recipe.caption_singles, len(others))):
-        instruct.append(_conversation(f"describe:{n}", image(n), [(rng.choice(_DESCRIBE), rng.choice(captions[n])["caption"])]))
+    instruct += _single_captions(rng, captions, image, recipe.caption_singles)
 
     # eval: a seeded sample of the test split (the file is ordered by image).
     test_triples = _read_jsonl(corpus / "triples_test.jsonl")
@@ -225,6 +223,16 @@ def write_mixes(corpus: Path, work: Path, recipe: Recipe) -> dict:
     _write_jsonl(work / "eval_captions.jsonl", eval_captions)
     return {"align": len(align), "instruct_image_conversations": len(instruct),
             "eval_questions": len(eval_triples), "eval_caption_images": len(picked)}
+
+
+def _single_captions(rng: random.Random, captions: dict[str, list[dict]], image, count: int) -> list[dict]:
+    """`count` non-scene images (emoji, clip art, Fashion-MNIST, shapes, words), each one
+    "Describe this image." turn answered with one of its captions."""
+    singles = sorted(n for n in captions if "/scene/" not in n)
+    return [
+        _conversation(f"describe:{n}", image(n), [(rng.choice(_DESCRIBE), rng.choice(captions[n])["caption"])])
+        for n in rng.sample(singles, min(count, len(singles)))
+    ]
 
 
 def _scene_conversations(
@@ -266,10 +274,7 @@ def _write_fresh_scene_mix(
     fresh = sorted(n for n in triples if n not in used)
     rows = _scene_conversations(rng, name, fresh, triples, captions, image, conversations, turns, describe_share)
     scenes = len(rows)
-    if caption_singles:
-        singles = sorted(n for n in captions if "/scene/" not in n)
-        for n in rng.sample(singles, min(caption_singles, len(singles))):
-            rows.append(_conversation(f"describe:{n}", image(n), [(rng.choice(_DESCRIBE), rng.choice(captions[n])["caption"])]))
+    rows += _single_captions(rng, captions, image, caption_singles)
     text = _read_jsonl(work / "text_turns.jsonl")
     mixed = rows + text
     rng.shuffle(mixed)

@@ -36,11 +36,15 @@ class VQAItem:
     answer: str
     type: str | None
 
+    @property
+    def correct(self) -> bool:
+        return normalize_answer(self.prediction) == normalize_answer(self.answer)
+
 
 def vqa_scores(items: list[VQAItem]) -> dict:
     if not items:
         return {}
-    hits = [normalize_answer(i.prediction) == normalize_answer(i.answer) for i in items]
+    hits = [i.correct for i in items]
     by_type: dict[str, list[bool]] = defaultdict(list)
     for item, hit in zip(items, hits):
         by_type[item.type or "untyped"].append(hit)
@@ -198,7 +202,7 @@ def evaluate(model, processor, paths: list[str], batch_size: int = 8, max_new_to
                         "file": source.file, "row": source.row, "image": str(source.images[0]) if source.images else None,
                         "question": source.messages[-2]["content"].replace(IMAGE, "").strip(),
                         "answer": item.answer, "prediction": item.prediction, "type": item.type,
-                        "correct": normalize_answer(item.prediction) == normalize_answer(item.answer),
+                        "correct": item.correct,
                     })
             bar.update(len(batch))
     scores = vqa_scores(items)
