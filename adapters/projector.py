@@ -127,6 +127,8 @@ class Projector(nn.Module):
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         x = self.reduce(image_features, self.factor)  # (N, P', D_v * width_mult)
         x = self.mlp(x)  # (N, P', D_lm)
+        if self.config.output_scale != 1.0:
+            x = x * self.config.output_scale
         if self.position_embedding is not None:
             x = x + self.position_embedding  # (P', D_lm) broadcast over the N images
         return x

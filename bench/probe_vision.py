@@ -17,7 +17,10 @@ A second table asks what the LLM can see of position: the flattened probes know 
 feature's slot, but the LLM reads image tokens one at a time by content. So one probe
 reads a single image embedding (the projector's output, what the LLM receives) and
 guesses its token's row and column; the baseline is chance (1 / grid side). Next to it,
-the mean length of those embeddings against the LLM's own word embeddings.
+the mean length of those embeddings against the LLM's own word embeddings, and how far
+the LLM's layers move each kind of token: the length of (hidden state before the last
+layer - input embedding) over the input's length, for image tokens and for the text
+tokens of a question about the scene. Near 0 means the layers barely change that token.
 """
 
 from __future__ import annotations
@@ -62,6 +65,26 @@ def token_embeddings(model, processor, paths: list[Path], batch: int = 64) -> to
     """(N, P', D_lm): the image embeddings the LLM receives, one per image token."""
     return torch.cat([model.get_image_features(processor.preprocess_images(paths[s : s + batch]))
                       for s in range(0, len(paths), batch)])
+
+
+@torch.no_grad()
+def layer_change(model, processor, paths: list[Path]) -> tuple[float, float, int]:
+    """Median |h_(L-1) - h_0| / |h_0| over image tokens and over text tokens, and L (the median:
+    an LLM's first token grows a huge hidden state, an attention sink, that would swamp a mean)."""
+    from vlm_chat.chat import user_message
+
+    image, text, layers = [], [], 0
+    for path in paths:
+        inputs = processor([user_message("Where is the red square?", [path])])
+        ids = inputs["input_ids"].to(model.device)
+        embeds = model.embed(ids, inputs["pixel_values"])
+        hidden = model.language_model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
+        layers = len(hidden) - 1
+        change = ((hidden[-2] - hidden[0]).norm(dim=-1) / hidden[0].norm(dim=-1))[0]  # (T,); last is normed
+        is_image = ids[0] == model.image_token_id
+        image.append(change[is_image])
+        text.append(change[~is_image])
+    return torch.cat(image).median().item(), torch.cat(text).median().item(), layers
 
 
 def probe(train_x, train_y, test_x, test_y, classes: int | None, steps: int = 300) -> float:
@@ -136,7 +159,10 @@ def main() -> None:
     print(f"| {side}x{side} tokens, {len(train_t)} / {len(test_t)} scenes | {100 * column:.1f} % | {100 * row:.1f} % | {100 / side:.1f} % |\n")
     # An image token far longer than a word embedding drowns small signals added to it.
     words = model.language_model.get_input_embeddings().weight.norm(dim=-1).mean().item()
-    print(f"mean norm: image embeddings {test_t.norm(dim=-1).mean().item():.1f}, the LLM's word embeddings {words:.2f}\n")
+    print(f"mean norm: image embeddings {test_t.norm(dim=-1).mean().item():.2f}, the LLM's word embeddings {words:.2f}")
+    moved_image, moved_text, layers = layer_change(model, processor, test_paths[:50])
+    print(f"how far {layers - 1} of the LLM's {layers} layers move a token, |h - h_0| / |h_0| (median, 50 test scenes): "
+          f"image tokens {moved_image:.3f}, text tokens {moved_text:.3f}\n")
     base = rows[-1]
     print(f"{args.train} train / {args.test} test scenes; linear probes on flattened patch features")
     print("| tower | cell occupied, per cell | all 9 cells right | total count | count vs baseline |")

@@ -13,9 +13,10 @@ from vlm_chat.export import export_hf_llava
 from vlm_chat.generation import GenerationSettings, stream_generate
 
 
-@pytest.mark.parametrize("projector", ["mlp2x_gelu", "linear"])
-def test_export_matches_stock_llava(tiny_parts, tmp_path, images, projector):
+@pytest.mark.parametrize("projector,scale", [("mlp2x_gelu", 1.0), ("linear", 0.25), ("mlp2x_gelu", 0.02)])
+def test_export_matches_stock_llava(tiny_parts, tmp_path, images, projector, scale):
     model, processor = build_tiny_bundle(tiny_parts, tmp_path / "bundle", projector=projector)
+    model.config.projector.output_scale = scale  # folded into Llava's last projector layer
     export_hf_llava(model, processor, tmp_path / "llava")
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
     stock = AutoProcessor.from_pretrained(tmp_path / "llava")

@@ -177,6 +177,23 @@ def test_siglip_tower_keeps_every_token(tiny_parts, tmp_path, images):
     assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
 
 
+def test_match_word_scale_brings_image_tokens_to_word_norm_and_is_saved(tiny_parts, tmp_path, images):
+    model, processor = build_tiny_bundle(tiny_parts, tmp_path / "b")
+    pixel_values = ask(processor, "x", images)["pixel_values"]
+    before = model.get_image_features(pixel_values)
+    words = model.language_model.get_input_embeddings().weight.norm(dim=-1).mean().item()
+    measured, word_norm = model.match_word_scale(pixel_values)
+    assert measured == pytest.approx(before.norm(dim=-1).mean().item(), rel=1e-5)
+    assert word_norm == pytest.approx(words, rel=1e-5)
+    after = model.get_image_features(pixel_values)
+    assert after.norm(dim=-1).mean().item() == pytest.approx(words, rel=1e-4)
+    torch.testing.assert_close(after, before * (words / measured))  # one factor: directions unchanged
+    model.save_pretrained(tmp_path / "scaled", processor)
+    loaded, _ = VisionLanguageModel.from_pretrained(tmp_path / "scaled", device="cpu")
+    assert loaded.config.projector.output_scale == pytest.approx(words / measured)
+    torch.testing.assert_close(loaded.get_image_features(pixel_values), after)
+
+
 def test_position_embedding_starts_as_a_no_op_and_marks_each_slot(tiny_parts, tmp_path, images):
     model, processor = build_tiny_bundle(tiny_parts, tmp_path / "b")
     pixel_values = ask(processor, "x", images[:1])["pixel_values"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -340,14 +341,18 @@ def test_answer_only_loss_equals_the_full_loss_and_its_gradients(bundle, triples
         model(input_ids=batch["input_ids"], loss_only=True)
 
 
-def test_position_embedding_joins_a_trained_bundle_and_learns(bundle, triples, tmp_path, capsys):
+def test_position_embedding_and_word_scale_join_a_trained_bundle(bundle, triples, tmp_path, capsys):
     tuned = tmp_path / "tuned"
     assert train("--stage", "instruct", "--model", bundle, "--data", triples, "--out", tuned, "--max-steps", 2,
                  "--batch-size", 4, "--val-fraction", 0) == 0
     out = tmp_path / "with_pos"
     assert train("--stage", "instruct", "--model", tuned, "--data", triples, "--out", out, "--max-steps", 3,
-                 "--batch-size", 4, "--projector-lr", 1e-2, "--val-fraction", 0, "--position-embedding") == 0
+                 "--batch-size", 4, "--projector-lr", 1e-2, "--val-fraction", 0, "--position-embedding",
+                 "--match-word-scale") == 0
+    printed = capsys.readouterr().out
+    scale = float(re.search(r"output scale now ([0-9.]+)", printed).group(1))
     model, _ = VisionLanguageModel.from_pretrained(out, device="cpu")
+    assert model.config.projector.output_scale == pytest.approx(scale, rel=1e-3) and scale != 1.0
     assert model.config.projector.position_embedding
     assert model.projector.position_embedding.abs().sum() > 0  # it trained with the projector
     assert main(["export", "--model", str(out), "--format", "hf-llava", "--out", str(tmp_path / "llava")]) == 2

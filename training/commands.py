@@ -145,6 +145,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     vlm.add_argument("--position-embedding", action="store_true",
                      help="give the projector a learned vector per image token (zeros at first, so nothing the "
                      "bundle knows is lost) if it has none; it trains with the projector")
+    vlm.add_argument("--match-word-scale", action="store_true",
+                     help="before training, scale the projector's output so image tokens have the mean norm of the "
+                     "LLM's word embeddings (measured on 64 training images; saved as projector.output_scale)")
     vlm.add_argument("--qlora", action="store_true", help="load the LLM in 4-bit (bitsandbytes NF4) and train LoRA on it")
     vlm.add_argument("--val-fraction", type=float, help="share of --data held out for eval loss when no --val (0.02)")
     vlm.add_argument("--skip-bad", action="store_true", help="train on the good rows when some rows are bad")

@@ -45,6 +45,8 @@ class VLMStageConfig:
     vision_lr: float | None = None
     qlora: bool = False
     position_embedding: bool = False  # add one to the projector if the bundle has none
+    match_word_scale: bool = False  # rescale image tokens to the norm of the LLM's word embeddings
+    scale_images: int = 64  # training images that measure the image-token norm
     skip_bad: bool = False
     device: str = "auto"
 
@@ -68,6 +70,7 @@ def config_from_settings(stage: str, settings: dict) -> VLMStageConfig:
         val_fraction=rest.pop("val_fraction", 0.02), projector_lr=rest.pop("projector_lr", None),
         vision_lr=rest.pop("vision_lr", None), qlora=bool(rest.pop("qlora", False)),
         position_embedding=bool(rest.pop("position_embedding", False)),
+        match_word_scale=bool(rest.pop("match_word_scale", False)),
         skip_bad=bool(rest.pop("skip_bad", False)), device=rest.pop("device", "auto"),
     )
     if rest:
@@ -122,6 +125,14 @@ def run(config: VLMStageConfig):
         samples = [s for i, s in enumerate(samples) if i not in held]
     if not samples:
         raise DataError("no usable training rows left")
+    if config.match_word_scale:
+        with_images = [s for s in samples if s.images][: config.scale_images]
+        if not with_images:
+            raise DataError("--match-word-scale measures image tokens, but no training row has an image")
+        pixels = torch.cat([processor.preprocess_images(s.images) for s in with_images])
+        before, words = model.match_word_scale(pixels)
+        print(f"projector: image tokens had mean norm {before:.2f} ({len(pixels)} training images), the LLM's "
+              f"word embeddings {words:.2f}; output scale now {model.config.projector.output_scale:.5f}")
 
     torch.manual_seed(config.train.seed)  # LoRA's random init depends on the seed alone
     apply_plan(model, config.plan, config.lora, quantized_llm=config.qlora)

@@ -95,6 +95,8 @@ def export_hf_llava(model, processor, out: str | Path) -> Path:
     else:
         target.linear_2.weight.copy_(torch.eye(llm_dim, dtype=dtype))
         target.linear_2.bias.zero_()
+    target.linear_2.weight.mul_(model.config.projector.output_scale)  # Llava has no output scale:
+    target.linear_2.bias.mul_(model.config.projector.output_scale)  # fold it into the last layer
     llava.generation_config = llm.generation_config
     llava.save_pretrained(out)
 

@@ -262,6 +262,15 @@ class VisionLanguageModel(nn.Module):
         self.projector.add_position_embedding(self.vision_tower.num_tokens)  # also sets its config flag
         return True
 
+    @torch.no_grad()
+    def match_word_scale(self, pixel_values: torch.Tensor) -> tuple[float, float]:
+        """Scale the projector's output so these images' tokens have, on average, the norm
+        of the LLM's word embeddings. Returns (mean image-token norm before, word norm)."""
+        words = self.language_model.get_input_embeddings().weight.float().norm(dim=-1).mean().item()
+        images = self.get_image_features(pixel_values).float().norm(dim=-1).mean().item()
+        self.projector.config.output_scale *= words / images
+        return images, words
+
     @property
     def projector_tokens(self) -> int:
         return self.projector.num_output_tokens(self.vision_tower.num_tokens)
