@@ -30,30 +30,23 @@ from pathlib import Path
 
 import torch
 
-ROWS = {"top": 0, "middle": 1, "bottom": 2}
-COLS = {"left": 0, "middle": 1, "right": 2}
-CELL_NAMES = [f"{r} {c}" for r in ROWS for c in COLS if (r, c) != ("middle", "middle")] + ["center"]
+from training.corpus.scenes import CELL_NAMES, GRID
 
-
-def cell_index(name: str) -> tuple[int, int]:
-    if name == "center":
-        return 1, 1
-    row, col = name.split()
-    return ROWS[row], COLS[col]
+CELLS = {name: cell for cell, name in CELL_NAMES.items()}  # "top left" -> (0, 0)
 
 
 def cell_tokens(name: str, side: int) -> list[int]:
-    """Token slots (row-major on a side x side grid) whose square overlaps the 3x3 cell."""
-    row, col = cell_index(name)
-    lo, hi = row / 3, (row + 1) / 3
+    """Token slots (row-major on a side x side grid) whose square overlaps the grid cell."""
+    row, col = CELLS[name]
+    lo, hi = row / GRID, (row + 1) / GRID
     rows = [r for r in range(side) if r / side < hi and (r + 1) / side > lo]
-    lo, hi = col / 3, (col + 1) / 3
+    lo, hi = col / GRID, (col + 1) / GRID
     cols = [c for c in range(side) if c / side < hi and (c + 1) / side > lo]
     return [r * side + c for r in rows for c in cols]
 
 
 def named_cell(text: str) -> str | None:
-    for name in sorted(CELL_NAMES, key=len, reverse=True):
+    for name in sorted(CELLS, key=len, reverse=True):
         if name in text:
             return name
     return None
@@ -70,7 +63,7 @@ def questions(corpus: Path, per_kind: int, seed: int) -> dict[str, list[tuple[Pa
         for line in f:
             row = json.loads(line)
             image, question, answer = corpus / row["image"], row["question"], row["answer"]
-            if row["type"] == "position" and answer in CELL_NAMES:
+            if row["type"] == "position" and answer in CELLS:
                 kinds["where"].append((image, question, answer))
             elif row["type"] == "object" and named_cell(question.lower()):
                 kinds["what-at"].append((image, question, named_cell(question.lower())))

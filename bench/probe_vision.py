@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-CELLS = ["top left", "top middle", "top right", "middle left", "center", "middle right",
-         "bottom left", "bottom middle", "bottom right"]
+from training.corpus.scenes import CELL_NAMES
+
+CELLS = [CELL_NAMES[cell] for cell in sorted(CELL_NAMES)]  # row-major
 
 
 def scenes(corpus: Path, split: str, limit: int) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
