@@ -87,10 +87,8 @@ def lifts(model, processor, items) -> torch.Tensor:
     out = []
     for image, question, cell in items:
         inputs = processor([user_message(question, [image])])
-        ids = inputs["input_ids"].to(model.device)
-        embeds = model.embed(ids, inputs["pixel_values"])
-        attentions = model.language_model(inputs_embeds=embeds, output_attentions=True).attentions
-        slots = (ids[0] == model.image_token_id).nonzero().flatten()
+        attentions = model(**inputs, output_attentions=True).attentions
+        slots = (inputs["input_ids"][0].to(model.device) == model.image_token_id).nonzero().flatten()
         target = slots[cell_tokens(cell, side)]
         after = slots[-1] + 1  # the question and the template's tokens follow the image
         per_layer = []

@@ -77,12 +77,10 @@ def layer_change(model, processor, paths: list[Path]) -> tuple[float, float, int
     image, text, layers = [], [], 0
     for path in paths:
         inputs = processor([user_message("Where is the red square?", [path])])
-        ids = inputs["input_ids"].to(model.device)
-        embeds = model.embed(ids, inputs["pixel_values"])
-        hidden = model.language_model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
         layers = len(hidden) - 1
         change = ((hidden[-2] - hidden[0]).norm(dim=-1) / hidden[0].norm(dim=-1))[0]  # (T,); last is normed
-        is_image = ids[0] == model.image_token_id
+        is_image = inputs["input_ids"][0].to(model.device) == model.image_token_id
         image.append(change[is_image])
         text.append(change[~is_image])
     return torch.cat(image).median().item(), torch.cat(text).median().item(), layers
