@@ -29,6 +29,7 @@ STAGE_DEFAULTS = {
     "instruct": {"vision": "frozen", "projector": "full", "llm": "lora", "lr": 2e-4, "projector_lr": 2e-5, "warmup": 0.03},
 }
 MAX_LISTED_PROBLEMS = 20
+SCALE_IMAGES = 64  # training images that measure the image-token norm for --match-word-scale
 
 
 @dataclass
@@ -46,7 +47,6 @@ class VLMStageConfig:
     qlora: bool = False
     position_embedding: bool = False  # add one to the projector if the bundle has none
     match_word_scale: bool = False  # rescale image tokens to the norm of the LLM's word embeddings
-    scale_images: int = 64  # training images that measure the image-token norm
     skip_bad: bool = False
     device: str = "auto"
 
@@ -126,7 +126,7 @@ def run(config: VLMStageConfig):
     if not samples:
         raise DataError("no usable training rows left")
     if config.match_word_scale:
-        with_images = [s for s in samples if s.images][: config.scale_images]
+        with_images = [s for s in samples if s.images][:SCALE_IMAGES]
         if not with_images:
             raise DataError("--match-word-scale measures image tokens, but no training row has an image")
         pixels = torch.cat([processor.preprocess_images(s.images) for s in with_images])
