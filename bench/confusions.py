@@ -1,12 +1,17 @@
 """Which answers does a model give when it is wrong? Per expected answer, from eval predictions.
 
     python bench/confusions.py EVAL_DIR/predictions.jsonl [--type position] [--min-n 10]
+    python bench/confusions.py EVAL_DIR/predictions.jsonl --layouts CORPUS/layouts_test.jsonl
 
 Reads the predictions.jsonl that `vlm-chat eval --out EVAL_DIR` writes and prints, for
 each expected answer of the chosen question type: how often it was asked, how often it
 was answered right, and the answers given most often. A model that has not learned a
 type gives the same few answers whatever the truth is; that shows here and not in the
 accuracy alone. Answers are compared after the same normalisation as the eval.
+
+With --layouts (the corpus's layouts_*.jsonl for the split the predictions are from) it
+prints accuracy per question type by the number of objects in the scene instead: a
+type that fails even with one object fails at reading, not at searching.
 """
 
 from __future__ import annotations
@@ -32,14 +37,47 @@ def confusions(rows: list[dict], kind: str | None) -> list[tuple[str, int, float
     return sorted(table, key=lambda row: -row[1])
 
 
+def by_objects(rows: list[dict], layouts: dict[str, dict]) -> dict[str, dict[int, tuple[int, int]]]:
+    """type -> objects in the scene -> (right, asked), for predictions on scenes in `layouts`
+    (keyed by the image path relative to the corpus, as the corpus writes it)."""
+    table: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for row in rows:
+        if "question" not in row:
+            continue
+        layout = next((layouts[key] for key in _suffixes(row["image"]) if key in layouts), None)
+        if layout is None:
+            continue
+        cell = table[row["type"]][sum(obj["count"] for obj in layout["objects"])]
+        cell[0] += bool(row["correct"])
+        cell[1] += 1
+    return {kind: {n: (right, asked) for n, (right, asked) in sorted(counts.items())} for kind, counts in table.items()}
+
+
+def _suffixes(image: str) -> list[str]:
+    parts = Path(image).parts
+    return ["/".join(parts[i:]) for i in range(len(parts))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("predictions", help="predictions.jsonl from `vlm-chat eval --out DIR`")
     parser.add_argument("--type", default=None, help="question type to look at (default: all)")
     parser.add_argument("--min-n", type=int, default=10, help="leave out expected answers asked fewer times")
+    parser.add_argument("--layouts", help="corpus layouts_<split>.jsonl: accuracy by objects in the scene instead")
     args = parser.parse_args()
     path = Path(args.predictions)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if args.layouts:
+        layouts = {row["image"]: row for row in map(json.loads, Path(args.layouts).read_text().splitlines()) if row}
+        table = by_objects(rows, layouts)
+        sizes = sorted({n for counts in table.values() for n in counts})
+        print(f"{path}: accuracy by objects in the scene (right / asked)")
+        print("| type | " + " | ".join(f"{n} object{'s' * (n > 1)}" for n in sizes) + " |")
+        print("|---|" + "---|" * len(sizes))
+        for kind in sorted(table):
+            cells = [table[kind].get(n, (0, 0)) for n in sizes]
+            print(f"| {kind} | " + " | ".join(f"{100 * r / a:.0f} % ({r}/{a})" if a else "" for r, a in cells) + " |")
+        return
     table = [row for row in confusions(rows, args.type) if row[1] >= args.min_n]
     print(f"{path}: {args.type or 'all types'}")
     print("| expected | n | right | answers given most |")

@@ -77,3 +77,19 @@ def test_markdown_output(tiny_parts, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "bundle"), "--data", str(tmp_path / "t.jsonl"), "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "| VQA accuracy |" in out and "| - object |" in out
+
+
+def test_accuracy_by_objects_in_the_scene_matches_predictions_to_layouts():
+    from bench.confusions import by_objects
+
+    layouts = {"images/test/scene/000001.png": {"objects": [{"count": 1}]},
+               "images/test/scene/000002.png": {"objects": [{"count": 2}, {"count": 1}]}}
+    rows = [
+        {"image": "/data/corpus/images/test/scene/000001.png", "question": "q", "type": "position", "correct": True},
+        {"image": "/data/corpus/images/test/scene/000001.png", "question": "q", "type": "position", "correct": False},
+        {"image": "/data/corpus/images/test/scene/000002.png", "question": "q", "type": "position", "correct": True},
+        {"image": "/data/corpus/images/test/scene/000002.png", "question": "q", "type": "count", "correct": False},
+        {"image": "/data/corpus/images/test/fashion/000003.png", "question": "q", "type": "object", "correct": True},
+        {"image": "/x.png", "caption": "c"},  # caption rows are not questions
+    ]
+    assert by_objects(rows, layouts) == {"position": {1: (1, 2), 3: (1, 1)}, "count": {3: (0, 1)}}

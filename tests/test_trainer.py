@@ -134,3 +134,17 @@ def test_existing_checkpoints_need_resume(tmp_path):
     run(cfg)
     with pytest.raises(Exception, match="--resume"):
         run(cfg)
+
+
+@pytest.mark.parametrize("in_order", [False, True])
+def test_in_order_trains_on_batches_in_the_data_order(tmp_path, in_order):
+    seen: list[float] = []
+
+    def recording(model, batch):
+        seen.extend(batch[0][:, 0].tolist())  # first feature identifies the row
+        return noisy_mse(model, batch)
+
+    run(config(tmp_path, f"order{in_order}", max_steps=5, grad_accum=2, batch_size=4, in_order=in_order), loss_fn=recording)
+    rows = make_data()[:][0][:, 0].tolist()
+    seen = seen[:40]  # then the final eval loss on the 8 eval rows
+    assert (seen == rows) is in_order and sorted(seen) == sorted(rows)

@@ -70,6 +70,7 @@ class TrainConfig:
     save_every_minutes: float = 0.0  # also save when this much wall time passed; 0 = off
     keep_last: int = 2
     seed: int = 0
+    in_order: bool = False  # batches in the data's own order (a curriculum), not a seeded shuffle
     mixed_precision: str = "no"
     num_workers: int = 0
     resume: str = ""  # "" = fresh run, "latest" = newest checkpoint in output_dir, or a checkpoint dir
@@ -488,7 +489,7 @@ def train(
     optimizer = torch.optim.AdamW(_check_groups(model, groups), lr=config.lr, weight_decay=config.weight_decay)
     data_generator = torch.Generator().manual_seed(config.seed)  # keeps loader internals off the global RNG
     train_loader = DataLoader(
-        train_dataset, batch_size=config.batch_size, sampler=EpochPermutation(len(train_dataset), config.seed),
+        train_dataset, batch_size=config.batch_size, sampler=EpochPermutation(len(train_dataset), config.seed, shuffle=not config.in_order),
         collate_fn=collate_fn, num_workers=config.num_workers, generator=data_generator,
     )
     eval_loader = None
