@@ -151,21 +151,36 @@ def test_drill_asks_many_questions_about_scenes_instruct_did_not_use(corpus, tmp
     assert (again / "drill.jsonl").read_bytes() == (tmp_path / "drill.jsonl").read_bytes()
 
 
+LATER = replace(SMALL, drill_conversations=10, drill_turns=(3, 4), review_conversations=8, review_turns=(5, 13))
+
+
+def _mixes_before(corpus: Path, work: Path, recipe: Recipe) -> None:
+    """The mixes up to the drill, with one text turn standing in for the distilled ones."""
+    write_mixes(corpus, work, recipe)
+    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
+    (work / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    write_drill(corpus, work, recipe)
+
+
+def _fresh_scene_mix(work: Path, name: str, earlier: tuple[str, ...], others: int) -> tuple[list[dict], list[dict]]:
+    """WORK/<name>.jsonl's rows and its scene conversations, checked: valid training data,
+    scenes no earlier mix used, and `others` rows that are not scenes (singles, text)."""
+    rows = _rows(work / f"{name}.jsonl")
+    good, problems = check_samples([work / f"{name}.jsonl"])
+    scenes = [r for r in rows if r["id"].startswith(f"{name}:")]
+    assert not problems and len(good) == len(rows) == len(scenes) + others
+    seen = {r.get("image") for mix in earlier for r in _rows(work / f"{mix}.jsonl")}
+    assert not {r["image"] for r in scenes} & seen
+    return rows, scenes
+
+
 @needs_sources
 def test_review_uses_scenes_no_earlier_stage_saw_and_brings_back_single_image_captions(corpus, tmp_path):
-    recipe = replace(SMALL, drill_conversations=10, drill_turns=(3, 4), review_conversations=8, review_turns=(5, 13),
-                     review_caption_singles=4)
-    write_mixes(corpus, tmp_path, recipe)
-    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
-    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
-    write_drill(corpus, tmp_path, recipe)
+    recipe = replace(LATER, review_caption_singles=4)
+    _mixes_before(corpus, tmp_path, recipe)
     counts = write_review(corpus, tmp_path, recipe)
-    rows = _rows(tmp_path / "review.jsonl")
-    good, problems = check_samples([tmp_path / "review.jsonl"])
-    assert not problems and len(good) == len(rows) == counts["scene_conversations"] + 4 + 1
-    scenes = [r for r in rows if r["id"].startswith("review:")]
-    seen = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl") for r in _rows(tmp_path / name)}
-    assert len(scenes) == 8 and not {r["image"] for r in scenes} & seen
+    rows, scenes = _fresh_scene_mix(tmp_path, "review", ("instruct_images", "drill"), others=4 + 1)
+    assert len(scenes) == counts["scene_conversations"] == 8
     assert all(len(r["conversations"]) >= 2 * 5 for r in scenes)
     singles = [r for r in rows if r["id"].startswith("describe:")]
     assert len(singles) == 4 and all("/scene/" not in r["image"] and len(r["conversations"]) == 2 for r in singles)
@@ -174,21 +189,12 @@ def test_review_uses_scenes_no_earlier_stage_saw_and_brings_back_single_image_ca
 
 @needs_sources
 def test_locate_asks_about_named_cells_truthfully_fewest_objects_first(corpus, tmp_path):
-    recipe = replace(SMALL, drill_conversations=10, drill_turns=(3, 4), review_conversations=8, review_turns=(5, 13),
-                     review_caption_singles=2, locate_conversations=100, locate_max_turns=9, locate_caption_singles=3)
-    write_mixes(corpus, tmp_path, recipe)
-    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
-    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
-    write_drill(corpus, tmp_path, recipe)
+    recipe = replace(LATER, review_caption_singles=2, locate_conversations=100, locate_max_turns=9, locate_caption_singles=3)
+    _mixes_before(corpus, tmp_path, recipe)
     write_review(corpus, tmp_path, recipe)
     counts = write_locate(corpus, tmp_path, recipe)
-    rows = _rows(tmp_path / "locate.jsonl")
-    good, problems = check_samples([tmp_path / "locate.jsonl"])
-    assert not problems and len(good) == len(rows) == counts["scene_conversations"] + 3 + 1
-
-    scenes = [r for r in rows if r["id"].startswith("locate:")]
-    seen = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl", "review.jsonl") for r in _rows(tmp_path / name)}
-    assert len(scenes) == counts["fresh_scenes"] >= 8 and not {r["image"] for r in scenes} & seen
+    rows, scenes = _fresh_scene_mix(tmp_path, "locate", ("instruct_images", "drill", "review"), others=3 + 1)
+    assert len(scenes) == counts["scene_conversations"] == counts["fresh_scenes"] >= 8
     layouts = {str((corpus / row["image"]).resolve()): row for row in _rows(corpus / "layouts_train.jsonl")}
     objects = [sum(o["count"] for o in layouts[r["image"]]["objects"]) for r in scenes]
     assert all(a <= b + 2 for i, a in enumerate(objects) for b in objects[i + 1:]), objects  # jitter below 2
