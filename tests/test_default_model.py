@@ -12,8 +12,8 @@ from tests.test_corpus import needs_sources
 from training.corpus import CorpusConfig, build_corpus
 from training.data import check_samples
 from training.default_model import (
-    KNOWLEDGE_CHECK, LOCATE_QUESTIONS, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_drill,
-    write_locate, write_mixes, write_review,
+    KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_drill, write_mixes,
+    write_review,
 )
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
@@ -151,89 +151,25 @@ def test_drill_asks_many_questions_about_scenes_instruct_did_not_use(corpus, tmp
     assert (again / "drill.jsonl").read_bytes() == (tmp_path / "drill.jsonl").read_bytes()
 
 
-LATER = replace(SMALL, drill_conversations=10, drill_turns=(3, 4), review_conversations=8, review_turns=(5, 13))
-
-
-def _mixes_before(corpus: Path, work: Path, recipe: Recipe) -> None:
-    """The mixes up to the drill, with one text turn standing in for the distilled ones."""
-    write_mixes(corpus, work, recipe)
-    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
-    (work / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
-    write_drill(corpus, work, recipe)
-
-
-def _fresh_scene_mix(work: Path, name: str, earlier: tuple[str, ...], others: int) -> tuple[list[dict], list[dict]]:
-    """WORK/<name>.jsonl's rows and its scene conversations, checked: valid training data,
-    scenes no earlier mix used, and `others` rows that are not scenes (singles, text)."""
-    rows = _rows(work / f"{name}.jsonl")
-    good, problems = check_samples([work / f"{name}.jsonl"])
-    scenes = [r for r in rows if r["id"].startswith(f"{name}:")]
-    assert not problems and len(good) == len(rows) == len(scenes) + others
-    seen = {r.get("image") for mix in earlier for r in _rows(work / f"{mix}.jsonl")}
-    assert not {r["image"] for r in scenes} & seen
-    return rows, scenes
-
-
 @needs_sources
 def test_review_uses_scenes_no_earlier_stage_saw_and_brings_back_single_image_captions(corpus, tmp_path):
-    recipe = replace(LATER, review_caption_singles=4)
-    _mixes_before(corpus, tmp_path, recipe)
+    recipe = replace(SMALL, drill_conversations=10, drill_turns=(3, 4), review_conversations=8, review_turns=(5, 13),
+                     review_caption_singles=4)
+    write_mixes(corpus, tmp_path, recipe)
+    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
+    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    write_drill(corpus, tmp_path, recipe)
     counts = write_review(corpus, tmp_path, recipe)
-    rows, scenes = _fresh_scene_mix(tmp_path, "review", ("instruct_images", "drill"), others=4 + 1)
-    assert len(scenes) == counts["scene_conversations"] == 8
+    rows = _rows(tmp_path / "review.jsonl")
+    good, problems = check_samples([tmp_path / "review.jsonl"])
+    assert not problems and len(good) == len(rows) == counts["scene_conversations"] + 4 + 1
+    scenes = [r for r in rows if r["id"].startswith("review:")]
+    seen = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl") for r in _rows(tmp_path / name)}
+    assert len(scenes) == 8 and not {r["image"] for r in scenes} & seen
     assert all(len(r["conversations"]) >= 2 * 5 for r in scenes)
     singles = [r for r in rows if r["id"].startswith("describe:")]
     assert len(singles) == 4 and all("/scene/" not in r["image"] and len(r["conversations"]) == 2 for r in singles)
     assert counts["questions"] == sum(len(r["conversations"]) // 2 for r in scenes)
-
-
-@needs_sources
-def test_locate_asks_about_named_cells_truthfully_fewest_objects_first(corpus, tmp_path):
-    recipe = replace(LATER, review_caption_singles=2, locate_conversations=100, locate_max_turns=9, locate_caption_singles=3)
-    _mixes_before(corpus, tmp_path, recipe)
-    write_review(corpus, tmp_path, recipe)
-    counts = write_locate(corpus, tmp_path, recipe)
-    rows, scenes = _fresh_scene_mix(tmp_path, "locate", ("instruct_images", "drill", "review"), others=3 + 1)
-    assert len(scenes) == counts["scene_conversations"] == counts["fresh_scenes"] >= 8
-    layouts = {str((corpus / row["image"]).resolve()): row for row in _rows(corpus / "layouts_train.jsonl")}
-    objects = [sum(o["count"] for o in layouts[r["image"]]["objects"]) for r in scenes]
-    assert all(a <= b + 2 for i, a in enumerate(objects) for b in objects[i + 1:]), objects  # jitter below 2
-    assert objects[0] < objects[-1]
-    # The singles and the text turn are spread through the order, not piled at one end.
-    others = [i for i, r in enumerate(rows) if not r["id"].startswith("locate:")]
-    assert others[0] < len(rows) // 2 < others[-1]
-
-    position: dict[str, list[dict]] = {}
-    for t in _rows(corpus / "triples_train.jsonl"):
-        if t["type"] == "position":
-            position.setdefault(str((corpus / t["image"]).resolve()), []).append(t)
-    answers = {"yes": 0, "no": 0}
-    made = 0
-    for r in scenes:
-        layout = layouts[r["image"]]
-        cells = {c: o for o in layout["objects"] for c in o["cells"]}
-        turns = r["conversations"]
-        for question, answer in zip(turns[::2], turns[1::2]):
-            asked = question["value"].removeprefix("<image>\n")
-            for key, templates in LOCATE_QUESTIONS.items():
-                for cell in {c for t in templates for c in _cells() if t.format(cell=c) == asked}:
-                    made += 1
-                    if key == "occupied":
-                        assert not layout["word"]
-                        assert answer["value"] == ("yes" if cell in cells else "no")
-                        answers[answer["value"]] += 1
-                    else:
-                        assert answer["value"] == cells[cell]["color"]
-        asked_all = {(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(turns[::2], turns[1::2])}
-        assert {(t["question"], t["answer"]) for t in position.get(r["image"], [])} <= asked_all  # every position question
-    assert made == counts["cell_questions_made"] > 0
-    assert answers["yes"] == answers["no"] > 0
-
-
-def _cells() -> list[str]:
-    from training.corpus.scenes import CELL_NAMES
-
-    return list(CELL_NAMES.values())
 
 
 def test_ship_copies_trained_parts_and_leaves_the_llm_a_reference(tiny_bundle, tmp_path):

@@ -15,10 +15,6 @@
             captions and the text turns again (the drill had no singles and its
             captions suffered); the projector gains a learned position per image
             token; fp32
-  locate    scenes no stage used, with all their position questions and questions
-            about named cells ("Is there anything in the top left?", "What colour is
-            the object in the center?"), shuffled (in the file's fewest-objects-first
-            order, `in_order`, the answers followed the order instead of the images)
   eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
@@ -42,7 +38,7 @@ from pathlib import Path
 from training.data import IMAGE
 from vlm_chat.errors import UserFacingError
 
-STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "review", "locate", "eval", "ship")
+STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "review", "eval", "ship")
 SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "vlm_chat" / "assets" / "clip"
 
 
@@ -90,19 +86,6 @@ class Recipe:
         "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
         "eval_max_batches": 10, "val_fraction": 0.01,
     })
-    # The shipped review answered "Where is the X?" right 9 % of the time even with one
-    # object in the scene, and its attention did not favour the object's cell: locate
-    # asks about named cells. The file is written fewest objects first; trained in that
-    # order ("in_order": True) the model's answers drifted with the order (more objects
-    # late, so counts came out high), so the stage trains on it shuffled.
-    locate_conversations: int = 1000  # on training scenes no earlier stage used
-    locate_max_turns: int = 10
-    locate_caption_singles: int = 200
-    locate: dict = field(default_factory=lambda: {
-        "batch_size": 8, "lr": 5e-4, "projector_lr": 1e-3, "vision": "full", "vision_lr": 3e-5,
-        "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
-        "eval_max_batches": 10, "val_fraction": 0.01,
-    })
     eval_questions: int = 3000
     eval_caption_images: int = 400
     eval_batch_size: int = 32
@@ -120,12 +103,11 @@ STAGE_FIELDS = {
     "instruct": ("seed", "instruct"),
     "drill": ("seed", "drill_conversations", "drill_turns", "drill_describe_share", "drill"),
     "review": ("seed", "review_conversations", "review_turns", "review_describe_share", "review_caption_singles", "review"),
-    "locate": ("seed", "locate_conversations", "locate_max_turns", "locate_caption_singles", "locate"),
     "eval": ("eval_batch_size",),
     "ship": (),
 }
 STAGE_OUTPUTS = {"align": ("align",), "instruct": ("instruct",), "drill": ("drill", "drill.jsonl"),
-                 "review": ("review", "review.jsonl"), "locate": ("locate", "locate.jsonl"), "eval": ("eval",)}
+                 "review": ("review", "review.jsonl"), "eval": ("eval",)}
 
 
 # -- general text prompts the base LLM answers for itself (self-distillation) ---------------
@@ -318,77 +300,6 @@ def write_review(corpus: Path, work: Path, recipe: Recipe) -> dict:
                                   recipe.review_caption_singles)
 
 
-# Questions the corpus does not ask, made from a scene's layout. Each names a grid cell,
-# so it can only be answered by looking there: the skill the attention probe found
-# missing (the LLM spread its attention evenly over the image, even for one object).
-LOCATE_QUESTIONS = {
-    "occupied": ("Is there anything in the {cell}?", "Is there an object in the {cell}?",
-                 "Is something in the {cell} of the image?"),
-    "cell_color": ("What colour is the object in the {cell}?", "What color is the thing in the {cell}?"),
-}
-
-
-def _locate_turns(rng: random.Random, layout: dict, triples: list[dict], max_turns: int) -> tuple[list[tuple[str, str]], int]:
-    """All of a scene's position questions, cell questions from its layout (occupied or
-    not, as many yes as no; the colour of what is in a cell) and then its other questions,
-    until there are `max_turns`, in a random order; also how many cell questions were made."""
-    from training.corpus.scenes import CELL_NAMES
-
-    cells = {cell: obj for obj in layout["objects"] for cell in obj["cells"]}
-    made: list[tuple[str, str]] = []
-    if not layout.get("word"):  # a word fills a row of cells, so "anything there?" would be ambiguous
-        full = sorted(cells)
-        empty = sorted(set(CELL_NAMES.values()) - set(cells))
-        n = min(len(full), len(empty), 2)
-        for cell, answer in [(c, "yes") for c in rng.sample(full, n)] + [(c, "no") for c in rng.sample(empty, n)]:
-            made.append((rng.choice(LOCATE_QUESTIONS["occupied"]).format(cell=cell), answer))
-    coloured = sorted(c for c, obj in cells.items() if obj["color"])
-    for cell in rng.sample(coloured, min(2, len(coloured))):
-        made.append((rng.choice(LOCATE_QUESTIONS["cell_color"]).format(cell=cell), cells[cell]["color"]))
-    position = [(t["question"], t["answer"]) for t in triples if t["type"] == "position"]
-    others = [(t["question"], t["answer"]) for t in triples if t["type"] != "position"]
-    turns = position + made
-    turns += rng.sample(others, max(0, min(len(others), max_turns - len(turns))))
-    rng.shuffle(turns)
-    return turns, len(made)
-
-
-def write_locate(corpus: Path, work: Path, recipe: Recipe) -> dict:
-    """locate.jsonl: conversations about training scenes no earlier stage used, each with
-    all its position questions and cell questions from its layout, written fewest objects
-    first (a curriculum for `--in-order`: with one object, finding it needs no search);
-    single-image captions and the text turns spread evenly through that order."""
-    rng = random.Random(recipe.seed + 5)
-    used = _used_scenes(work, (("instruct_images.jsonl", "scene:"), ("drill.jsonl", "drill:"), ("review.jsonl", "review:")))
-    layouts = {row["image"]: row for row in _read_jsonl(corpus / "layouts_train.jsonl")}
-    triples = _group(_read_jsonl(corpus / "triples_train.jsonl"))
-    captions = _group(_read_jsonl(corpus / "captions_train.jsonl"))
-
-    def image(n: str) -> str:
-        return str((corpus / n).resolve())
-
-    fresh = sorted(n for n in triples if n not in used and n in layouts)
-    picked = rng.sample(fresh, min(recipe.locate_conversations, len(fresh)))
-    objects = {n: sum(obj["count"] for obj in layouts[n]["objects"]) for n in picked}
-    # Sorted by object count with a jitter of up to 2, so neighbouring counts mix.
-    picked.sort(key=lambda n: objects[n] + rng.uniform(0, 2))
-    scenes, cell_questions = [], 0
-    for n in picked:
-        turns, made = _locate_turns(rng, layouts[n], triples[n], recipe.locate_max_turns)
-        scenes.append(_conversation(f"locate:{n}", image(n), turns))
-        cell_questions += made
-    others = _single_captions(rng, captions, image, recipe.locate_caption_singles) + _read_jsonl(work / "text_turns.jsonl")
-    rng.shuffle(others)
-    keyed = [((i + 0.5) / len(scenes), row) for i, row in enumerate(scenes)]
-    keyed += [((j + 0.5) / len(others), row) for j, row in enumerate(others)]
-    keyed.sort(key=lambda pair: pair[0])
-    _write_jsonl(work / "locate.jsonl", [row for _, row in keyed])
-    return {"scene_conversations": len(scenes), "questions": sum(len(r["conversations"]) // 2 for r in scenes),
-            "cell_questions_made": cell_questions,
-            "objects_first_last": [objects[picked[0]], objects[picked[-1]]] if picked else [],
-            "caption_singles": recipe.locate_caption_singles, "fresh_scenes": len(fresh)}
-
-
 _DESCRIBE = (
     "Describe this image.", "Describe the image briefly.", "What is shown in this picture?",
     "Give a short caption for this image.", "What do you see?",
@@ -550,10 +461,6 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
             "train", "--stage", "instruct", "--model", str(w / "drill"), "--data", str(w / "review.jsonl"),
             "--out", str(w / "review"), "--seed", str(recipe.seed), "--resume", *_flags(recipe.review),
         ],
-        "locate": [
-            "train", "--stage", "instruct", "--model", str(w / "review"), "--data", str(w / "locate.jsonl"),
-            "--out", str(w / "locate"), "--seed", str(recipe.seed), "--resume", *_flags(recipe.locate),
-        ],
         "eval": [
             "eval", "--model", str(w / FINAL_STAGE), "--data", str(w / "eval_triples.jsonl"), str(w / "eval_captions.jsonl"),
             "--batch-size", str(recipe.eval_batch_size), "--out", str(w / "eval"),
@@ -561,7 +468,7 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
     }
 
 
-FINAL_STAGE = "locate"  # the training stage whose bundle is evaluated and shipped
+FINAL_STAGE = "review"  # the training stage whose bundle is evaluated and shipped
 NOT_SHIPPED = ("checkpoints",)  # the bundle itself is the result; optimizer states stay in WORK
 
 
@@ -638,11 +545,6 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         _cli(commands["review"])
         return written
 
-    def locate():
-        written = write_locate(paths.corpus, w, recipe)
-        _cli(commands["locate"])
-        return written
-
     def evaluate():
         _cli(commands["eval"])
         first_image = _read_jsonl(w / "eval_triples.jsonl")[0]["image"]
@@ -661,7 +563,6 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         "instruct": lambda: _cli(commands["instruct"]),
         "drill": drill,
         "review": review,
-        "locate": locate,
         "eval": evaluate,
         "ship": lambda: ship(w / FINAL_STAGE, paths.out, {
             "recipe.json": state_file, "scores.json": w / "eval" / "scores.json", "knowledge.json": w / "eval" / "knowledge.json",
