@@ -58,6 +58,10 @@ def _suffixes(image: str) -> list[str]:
     return ["/".join(parts[i:]) for i in range(len(parts))]
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("predictions", help="predictions.jsonl from `vlm-chat eval --out DIR`")
@@ -66,9 +70,9 @@ def main() -> None:
     parser.add_argument("--layouts", help="corpus layouts_<split>.jsonl: accuracy by objects in the scene instead")
     args = parser.parse_args()
     path = Path(args.predictions)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = _read_jsonl(path)
     if args.layouts:
-        layouts = {row["image"]: row for row in map(json.loads, Path(args.layouts).read_text().splitlines()) if row}
+        layouts = {row["image"]: row for row in _read_jsonl(Path(args.layouts))}
         table = by_objects(rows, layouts)
         sizes = sorted({n for counts in table.values() for n in counts})
         print(f"{path}: accuracy by objects in the scene (right / asked)")

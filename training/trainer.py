@@ -488,8 +488,9 @@ def train(
 
     optimizer = torch.optim.AdamW(_check_groups(model, groups), lr=config.lr, weight_decay=config.weight_decay)
     data_generator = torch.Generator().manual_seed(config.seed)  # keeps loader internals off the global RNG
+    sampler = EpochPermutation(len(train_dataset), config.seed, shuffle=not config.in_order)
     train_loader = DataLoader(
-        train_dataset, batch_size=config.batch_size, sampler=EpochPermutation(len(train_dataset), config.seed, shuffle=not config.in_order),
+        train_dataset, batch_size=config.batch_size, sampler=sampler,
         collate_fn=collate_fn, num_workers=config.num_workers, generator=data_generator,
     )
     eval_loader = None
