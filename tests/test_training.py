@@ -320,8 +320,9 @@ def test_answer_only_loss_equals_the_full_loss_and_its_gradients(bundle, triples
     model, processor = VisionLanguageModel.from_pretrained(bundle, device="cpu")
     apply_plan(model, TrainablePlan(vision="frozen", projector="full", llm="lora"), LoraSettings(r=4))
     samples = prepare_samples([str(triples)], processor, model.max_context, False, "training")[:4]
-    batch = partial(collate, pad_id=processor.tokenizer.pad_token_id)(
-        [ConversationDataset(samples, processor, model.max_context)[i] for i in range(4)])
+    dataset = ConversationDataset(samples, processor, model.max_context)
+    batch = partial(collate, pad_id=processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    assert dataset.lengths() == [len(dataset[i]["input_ids"]) for i in range(4)]  # what length grouping sorts by
     assert (batch["labels"] == IGNORE_INDEX).sum() > (batch["labels"] != IGNORE_INDEX).sum()  # prompts are masked
     model.eval()  # no dropout, so both passes see the same network
 

@@ -133,6 +133,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         common.add_argument(flag, type=kind, help=help_text)
     common.add_argument("--in-order", action="store_true",
                         help="batches in the order of the data file (a curriculum written by the data), not shuffled")
+    common.add_argument("--group-by-length", action="store_true",
+                        help="shuffled batches of samples of similar length, so little compute goes to padding "
+                        "(stages align and instruct)")
     vlm = train.add_argument_group("stages align and instruct")
     vlm.add_argument("--model", help="bundle to start from (vlm-chat build, or an earlier stage's --out)")
     vlm.add_argument("--vision", choices=["frozen", "lora", "full"], help="what trains in the vision tower")

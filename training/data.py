@@ -299,6 +299,10 @@ class ConversationDataset(Dataset):
         pixel_values = self.processor.preprocess_images(sample.images) if sample.images else None
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
 
+    def lengths(self) -> list[int]:
+        """Tokens per sample, image tokens included (for batches of similar length)."""
+        return [token_count(self.processor, sample) for sample in self.samples]
+
 
 def token_count(processor, sample: Sample) -> int:
     return len(encode_for_training(processor, sample.messages)[0])

@@ -71,6 +71,7 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     in_order: bool = False  # batches in the data's own order (a curriculum), not a seeded shuffle
+    group_by_length: bool = False  # shuffled batches of similar-length samples (less padding); needs dataset.lengths()
     mixed_precision: str = "no"
     num_workers: int = 0
     resume: str = ""  # "" = fresh run, "latest" = newest checkpoint in output_dir, or a checkpoint dir
@@ -85,6 +86,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
         if self.warmup < 0:
             raise ConfigError(f"train.warmup={self.warmup} must be >= 0 (a fraction < 1 or a step count)")
+        if self.in_order and self.group_by_length:
+            raise ConfigError("train.in_order and train.group_by_length both set the batch order; choose one")
 
 
 def train_config_from(settings: dict) -> tuple[TrainConfig, dict]:
@@ -131,6 +134,31 @@ class EpochPermutation(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+class LengthGroupedPermutation(EpochPermutation):
+    """A seeded permutation whose batches hold samples of similar length, so padding each
+    batch to its longest sample wastes little (the Hugging Face Trainer's `group_by_length`).
+    The shuffled indices are cut into mega-batches of `megabatch` batches, each is sorted by
+    length and cut into batches, and the full batches are shuffled again, so no length
+    comes at a fixed point of the epoch; a short last batch stays last. Fixed by
+    (seed, epoch) like its parent, so a resume skips exactly the batches already seen."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, megabatch: int = 50):
+        super().__init__(len(lengths), seed)
+        self.lengths, self.batch_size, self.megabatch = list(lengths), batch_size, megabatch
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(super().__iter__())
+        size = self.batch_size * self.megabatch
+        batches: list[list[int]] = []
+        for start in range(0, len(order), size):
+            chunk = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
+            batches += [chunk[s:s + self.batch_size] for s in range(0, len(chunk), self.batch_size)]
+        full = [b for b in batches if len(b) == self.batch_size]
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7)
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return iter([i for batch in shuffled + [b for b in batches if len(b) < self.batch_size] for i in batch])
 
 
 def param_groups(module: nn.Module, lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
@@ -488,7 +516,12 @@ def train(
 
     optimizer = torch.optim.AdamW(_check_groups(model, groups), lr=config.lr, weight_decay=config.weight_decay)
     data_generator = torch.Generator().manual_seed(config.seed)  # keeps loader internals off the global RNG
-    sampler = EpochPermutation(len(train_dataset), config.seed, shuffle=not config.in_order)
+    if config.group_by_length:
+        if not callable(getattr(train_dataset, "lengths", None)):
+            raise ConfigError(f"group_by_length needs a dataset with a lengths() method; {type(train_dataset).__name__} has none")
+        sampler = LengthGroupedPermutation(train_dataset.lengths(), config.batch_size, config.seed)
+    else:
+        sampler = EpochPermutation(len(train_dataset), config.seed, shuffle=not config.in_order)
     train_loader = DataLoader(
         train_dataset, batch_size=config.batch_size, sampler=sampler,
         collate_fn=collate_fn, num_workers=config.num_workers, generator=data_generator,
