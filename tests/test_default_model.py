@@ -12,8 +12,8 @@ from tests.test_corpus import needs_sources
 from training.corpus import CorpusConfig, build_corpus
 from training.data import check_samples
 from training.default_model import (
-    KNOWLEDGE_CHECK, LAYOUT_PROMPTS, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, layout_answer,
-    ship, write_drill, write_layout, write_mixes, write_review,
+    KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_drill, write_mixes,
+    write_review,
 )
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
@@ -170,55 +170,6 @@ def test_review_uses_scenes_no_earlier_stage_saw_and_brings_back_single_image_ca
     singles = [r for r in rows if r["id"].startswith("describe:")]
     assert len(singles) == 4 and all("/scene/" not in r["image"] and len(r["conversations"]) == 2 for r in singles)
     assert counts["questions"] == sum(len(r["conversations"]) // 2 for r in scenes)
-
-
-def test_layout_answer_names_every_cell_in_reading_order():
-    layout = {"objects": [{"name": "pink star", "cells": ["center", "top left"]}, {"name": "ankle boot", "cells": ["bottom right"]}],
-              "word": None}
-    assert layout_answer(layout) == (
-        "top left: a pink star; top middle: nothing; top right: nothing; middle left: nothing; center: a pink star; "
-        "middle right: nothing; bottom left: nothing; bottom middle: nothing; bottom right: an ankle boot")
-    assert layout_answer({**layout, "word": "cat"}) is None  # a word fills a row the layout does not name
-
-
-@needs_sources
-def test_layout_describes_fresh_scenes_cell_by_cell_truthfully(corpus, tmp_path):
-    recipe = replace(SMALL, drill_conversations=10, drill_turns=(3, 4), review_conversations=8, review_turns=(5, 13),
-                     review_caption_singles=2, layout_scenes=5, layout_question_scenes=4, layout_caption_singles=3)
-    write_mixes(corpus, tmp_path, recipe)
-    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
-    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
-    write_drill(corpus, tmp_path, recipe)
-    write_review(corpus, tmp_path, recipe)
-    counts = write_layout(corpus, tmp_path, recipe)
-    rows = _rows(tmp_path / "layout.jsonl")
-    good, problems = check_samples([tmp_path / "layout.jsonl"])
-    assert not problems and len(good) == len(rows)
-    assert counts["described_scenes"] == 5 and counts["question_scenes"] == 4 and counts["caption_singles"] == 3
-
-    layouts = {str((corpus / r["image"]).resolve()): r for r in _rows(corpus / "layouts_train.jsonl")}
-    triples: dict[str, list] = {}
-    for t in _rows(corpus / "triples_train.jsonl"):
-        triples.setdefault(str((corpus / t["image"]).resolve()), []).append((t["question"], t["answer"]))
-    seen = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl", "review.jsonl") for r in _rows(tmp_path / name)}
-    described = [r for r in rows if r["id"].startswith("layout:")]
-    asked = [r for r in rows if r["id"].startswith("layout-questions:")]
-    assert not {r["image"] for r in described + asked} & seen
-    assert not {r["image"] for r in described} & {r["image"] for r in asked}
-    for r in described:
-        (question, answer) = r["conversations"]
-        assert question["value"].removeprefix("<image>\n") in LAYOUT_PROMPTS
-        assert answer["value"] == layout_answer(layouts[r["image"]]) is not None
-        cells = {c: o["name"] for o in layouts[r["image"]]["objects"] for c in o["cells"]}
-        assert answer["value"].count("nothing") == 9 - len(cells)
-    for r in asked:
-        turns = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(r["conversations"][::2], r["conversations"][1::2])]
-        expected = layout_answer(layouts[r["image"]])
-        if expected:  # the cell-by-cell turn comes last, after every question the scene has
-            assert turns[-1][0] in LAYOUT_PROMPTS and turns[-1][1] == expected
-            turns = turns[:-1]
-        assert sorted(turns) == sorted(triples[r["image"]])
-    assert counts["questions"] == sum(len(triples[r["image"]]) for r in asked)
 
 
 def test_ship_copies_trained_parts_and_leaves_the_llm_a_reference(tiny_bundle, tmp_path):

@@ -15,9 +15,6 @@
             captions and the text turns again (the drill had no singles and its
             captions suffered); the projector gains a learned position per image
             token; fp32
-  layout    scenes no stage used, described cell by cell in a fixed order ("top
-            left: a pink star; top middle: nothing; ..."), so every cell's tokens
-            must be read in turn; some with all their questions before it
   eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
@@ -41,7 +38,7 @@ from pathlib import Path
 from training.data import IMAGE
 from vlm_chat.errors import UserFacingError
 
-STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "review", "layout", "eval", "ship")
+STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "review", "eval", "ship")
 SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "vlm_chat" / "assets" / "clip"
 
 
@@ -89,19 +86,6 @@ class Recipe:
         "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
         "eval_max_batches": 10, "val_fraction": 0.01,
     })
-    # The review still answered position at chance and its attention spread evenly over
-    # the image. Question answers are a word or two about one object; a cell-by-cell
-    # description supervises what is in all 9 cells, in a fixed order, so the model has
-    # to read each cell's tokens in turn (dense grounded targets, as Kosmos-2 and
-    # PaliGemma train with; here the grid names the places).
-    layout_scenes: int = 2000  # one "what is in each cell?" turn each
-    layout_question_scenes: int = 400  # all their questions, then the cell-by-cell turn
-    layout_caption_singles: int = 100
-    layout: dict = field(default_factory=lambda: {
-        "batch_size": 8, "lr": 5e-4, "projector_lr": 1e-3, "vision": "full", "vision_lr": 3e-5,
-        "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
-        "eval_max_batches": 10, "val_fraction": 0.01, "group_by_length": True,
-    })
     eval_questions: int = 3000
     eval_caption_images: int = 400
     eval_batch_size: int = 32
@@ -119,12 +103,11 @@ STAGE_FIELDS = {
     "instruct": ("seed", "instruct"),
     "drill": ("seed", "drill_conversations", "drill_turns", "drill_describe_share", "drill"),
     "review": ("seed", "review_conversations", "review_turns", "review_describe_share", "review_caption_singles", "review"),
-    "layout": ("seed", "layout_scenes", "layout_question_scenes", "layout_caption_singles", "layout"),
     "eval": ("eval_batch_size",),
     "ship": (),
 }
 STAGE_OUTPUTS = {"align": ("align",), "instruct": ("instruct",), "drill": ("drill", "drill.jsonl"),
-                 "review": ("review", "review.jsonl"), "layout": ("layout", "layout.jsonl"), "eval": ("eval",)}
+                 "review": ("review", "review.jsonl"), "eval": ("eval",)}
 
 
 # -- general text prompts the base LLM answers for itself (self-distillation) ---------------
@@ -317,65 +300,6 @@ def write_review(corpus: Path, work: Path, recipe: Recipe) -> dict:
                                   recipe.review_caption_singles)
 
 
-# "What is in each cell?": answered from the layout, cell by cell in reading order.
-LAYOUT_PROMPTS = (
-    "What is in each part of the image?", "Go through the image cell by cell.",
-    "What is in each cell of the 3x3 grid?", "Describe the layout of the image, cell by cell.",
-)
-
-
-def layout_answer(layout: dict) -> str | None:
-    """'top left: a pink star; top middle: nothing; ...; bottom right: a bug' for a scene
-    layout (a layouts_*.jsonl row); None when the scene has a word, which fills a row of
-    cells the layout does not name."""
-    from training.corpus.scenes import CELL_NAMES
-    from training.corpus.templates import article
-
-    if layout.get("word"):
-        return None
-    cells = {cell: obj["name"] for obj in layout["objects"] for cell in obj["cells"]}
-    return "; ".join(f"{name}: {article(cells[name]) if name in cells else 'nothing'}"
-                     for _, name in sorted(CELL_NAMES.items()))
-
-
-def write_layout(corpus: Path, work: Path, recipe: Recipe) -> dict:
-    """layout.jsonl: training scenes no earlier stage used (none with a word), each one
-    cell-by-cell description turn; other fresh scenes with all their questions and, last
-    (so no answer can be copied from it), the cell-by-cell turn; single-image captions
-    and the text turns; shuffled."""
-    rng = random.Random(recipe.seed + 6)
-    used = _used_scenes(work, (("instruct_images.jsonl", "scene:"), ("drill.jsonl", "drill:"), ("review.jsonl", "review:")))
-    layouts = {row["image"]: row for row in _read_jsonl(corpus / "layouts_train.jsonl")}
-    triples = _group(_read_jsonl(corpus / "triples_train.jsonl"))
-    captions = _group(_read_jsonl(corpus / "captions_train.jsonl"))
-
-    def image(n: str) -> str:
-        return str((corpus / n).resolve())
-
-    fresh = sorted(n for n in layouts if n not in used and n in triples)
-    describable = [n for n in fresh if layout_answer(layouts[n])]
-    described = rng.sample(describable, min(recipe.layout_scenes, len(describable)))
-    rows = [_conversation(f"layout:{n}", image(n), [(rng.choice(LAYOUT_PROMPTS), layout_answer(layouts[n]))])
-            for n in described]
-    rest = sorted(set(fresh) - set(described))
-    questions = 0
-    for n in rng.sample(rest, min(recipe.layout_question_scenes, len(rest))):
-        turns = [(t["question"], t["answer"]) for t in triples[n]]
-        rng.shuffle(turns)
-        questions += len(turns)
-        if answer := layout_answer(layouts[n]):
-            turns.append((rng.choice(LAYOUT_PROMPTS), answer))
-        rows.append(_conversation(f"layout-questions:{n}", image(n), turns))
-    scenes = len(rows)
-    rows += _single_captions(rng, captions, image, recipe.layout_caption_singles)
-    text = _read_jsonl(work / "text_turns.jsonl")
-    mixed = rows + text
-    rng.shuffle(mixed)
-    _write_jsonl(work / "layout.jsonl", mixed)
-    return {"described_scenes": len(described), "question_scenes": scenes - len(described), "questions": questions,
-            "caption_singles": len(rows) - scenes, "text_turns": len(text), "fresh_scenes": len(fresh)}
-
-
 _DESCRIBE = (
     "Describe this image.", "Describe the image briefly.", "What is shown in this picture?",
     "Give a short caption for this image.", "What do you see?",
@@ -537,10 +461,6 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
             "train", "--stage", "instruct", "--model", str(w / "drill"), "--data", str(w / "review.jsonl"),
             "--out", str(w / "review"), "--seed", str(recipe.seed), "--resume", *_flags(recipe.review),
         ],
-        "layout": [
-            "train", "--stage", "instruct", "--model", str(w / "review"), "--data", str(w / "layout.jsonl"),
-            "--out", str(w / "layout"), "--seed", str(recipe.seed), "--resume", *_flags(recipe.layout),
-        ],
         "eval": [
             "eval", "--model", str(w / FINAL_STAGE), "--data", str(w / "eval_triples.jsonl"), str(w / "eval_captions.jsonl"),
             "--batch-size", str(recipe.eval_batch_size), "--out", str(w / "eval"),
@@ -548,7 +468,7 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
     }
 
 
-FINAL_STAGE = "layout"  # the training stage whose bundle is evaluated and shipped
+FINAL_STAGE = "review"  # the training stage whose bundle is evaluated and shipped
 NOT_SHIPPED = ("checkpoints",)  # the bundle itself is the result; optimizer states stay in WORK
 
 
@@ -625,11 +545,6 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         _cli(commands["review"])
         return written
 
-    def layout():
-        written = write_layout(paths.corpus, w, recipe)
-        _cli(commands["layout"])
-        return written
-
     def evaluate():
         _cli(commands["eval"])
         first_image = _read_jsonl(w / "eval_triples.jsonl")[0]["image"]
@@ -648,7 +563,6 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         "instruct": lambda: _cli(commands["instruct"]),
         "drill": drill,
         "review": review,
-        "layout": layout,
         "eval": evaluate,
         "ship": lambda: ship(w / FINAL_STAGE, paths.out, {
             "recipe.json": state_file, "scores.json": w / "eval" / "scores.json", "knowledge.json": w / "eval" / "knowledge.json",
