@@ -109,6 +109,35 @@ def test_build_records_stage_times_skips_finished_stages_and_reruns_what_a_recip
     build_default(paths, replace(recipe, instruct_conversations=12, eval_batch_size=4), until="mix")
     assert "[eval] the recipe changed here: eval, ship run again" in capsys.readouterr().out
     assert not (paths.work / "eval").exists() and (paths.work / "bundle").is_dir()
+    # A stage added to the build since (here: bundle, as if new) runs, and every later stage again.
+    state_file = paths.work / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["stages"]["bundle"]
+    state_file.write_text(json.dumps(state))
+    mix_written = (paths.work / "eval_triples.jsonl").stat().st_mtime_ns
+    state = build_default(paths, replace(recipe, instruct_conversations=12, eval_batch_size=4), until="mix")
+    out = capsys.readouterr().out
+    assert "[bundle] new in the build, after it everything is stale: bundle, mix," in out and out.count("skipped") == 2
+    assert list(state["stages"]) == ["corpus", "clip", "bundle", "mix"]
+    assert (paths.work / "eval_triples.jsonl").stat().st_mtime_ns != mix_written
+
+
+@needs_sources
+def test_build_with_clip_train_pretrains_its_own_clip_and_builds_the_bundle_on_it(corpus, tmp_path, tiny_parts):
+    from vlm_chat.model import VisionLanguageModel
+
+    recipe = replace(SMALL, llm=str(tiny_parts["llm"]), clip_steps=3)
+    paths = BuildPaths(work=tmp_path / "work", corpus=corpus, clip="train", out=tmp_path / "shipped")
+    state = build_default(paths, recipe, until="bundle")
+    trained = paths.work / "clip" / "final"
+    assert state["stages"]["clip"]["result"] is None and (trained / "config.json").is_file()
+    metrics = [json.loads(line) for line in (paths.work / "clip" / "metrics.jsonl").read_text().splitlines()]
+    assert max(row.get("step", 0) for row in metrics) == 3
+    config = json.loads((paths.work / "bundle" / "vlm_config.json").read_text())
+    assert Path(config["vision"]["name_or_path"]).resolve() == trained.resolve()
+    model, processor = VisionLanguageModel.from_pretrained(paths.work / "bundle", device="cpu")
+    pixels = processor.preprocess_images([corpus / _rows(corpus / "layouts_train.jsonl")[0]["image"]])
+    assert model.get_image_features(pixels).shape == (1, 16, model.language_model.config.hidden_size)
 
 
 def test_a_recipe_change_reruns_from_the_first_stage_that_reads_it():
@@ -124,8 +153,10 @@ def test_a_recipe_change_reruns_from_the_first_stage_that_reads_it():
     assert first_changed_stage(base, {**base, "seed": 1}) == "corpus"
     assert first_changed_stage(base, {**base, "drill": {**base["drill"], "lr": 1e-4}}) == "drill"
     assert first_changed_stage(base, {**base, "eval_batch_size": 8}) == "eval"
-    older = {k: v for k, v in base.items() if not k.startswith("drill")}  # a state.json from before the drill stage
-    assert first_changed_stage(older, base) == "drill"
+    # A state.json from before a field existed: the field counts as its default.
+    older = {k: v for k, v in base.items() if k != "clip_steps"}
+    assert first_changed_stage(older, base) is None
+    assert first_changed_stage(older, {**base, "clip_steps": 10}) == "clip"
 
 
 @needs_sources

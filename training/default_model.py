@@ -22,7 +22,8 @@ Every stage records its wall time in WORK/state.json (summed over interrupted
 runs); a stage that finished is skipped when the command runs again, and a training stage that was killed resumes
 from its last checkpoint. When the recipe changes, the first stage whose settings
 changed and every stage after it run again (their old outputs are deleted); the
-stages before it are kept.
+stages before it are kept. A setting that an older state.json lacks counts as its
+default, and a stage added to the build since runs with every stage after it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Recipe:
     """Everything that decides the default model; written next to it as recipe.json."""
 
     seed: int = 0
+    clip_steps: int = 2200  # with --clip train: contrastive steps of 128 captions (docs/clip.md)
     llm: str = "smollm2-135m-instruct"
     projector: str = "mlp2x_gelu"
     token_reduction: str = "pixel_shuffle"  # 8x8 CLIP patches -> 16 tokens, no information dropped
@@ -94,7 +96,7 @@ class Recipe:
 # The recipe fields each stage reads; a change to one reruns that stage and all after it.
 STAGE_FIELDS = {
     "corpus": ("seed",),
-    "clip": ("seed",),
+    "clip": ("seed", "clip_steps"),
     "bundle": ("seed", "llm", "projector", "token_reduction", "reduction_factor"),
     "mix": ("seed", "align_images", "instruct_conversations", "turns_per_conversation", "describe_share",
             "caption_singles", "eval_questions", "eval_caption_images"),
@@ -436,7 +438,8 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
             "train", "--stage", "clip", "--data", str(paths.corpus / "captions_train.jsonl"), "--out", str(w / "clip"),
             "--image-size", "64", "--patch-size", "8", "--vision-width", "256", "--vision-layers", "6",
             "--text-width", "256", "--text-layers", "4", "--projection-dim", "256", "--vocab-size", "4096",
-            "--max-text-len", "32", "--batch-size", "128", "--max-steps", "2200", "--lr", "5e-4", "--warmup", "100",
+            "--max-text-len", "32", "--batch-size", "128", "--max-steps", str(recipe.clip_steps), "--lr", "5e-4",
+            "--warmup", str(min(100, recipe.clip_steps // 10)),
             "--weight-decay", "0.1", "--eval-every", "200", "--eval-max-batches", "8", "--save-every-minutes", "5",
             "--log-every", "10", "--seed", str(recipe.seed), "--resume",
         ],
@@ -486,12 +489,25 @@ def ship(bundle: Path, out: Path, extra: dict[str, Path]) -> dict:
 
 
 def first_changed_stage(before: dict | None, after: dict) -> str | None:
-    """The first stage (in build order) that reads a recipe field whose value changed."""
+    """The first stage (in build order) that reads a recipe field whose value changed. A
+    field the earlier recipe did not have yet counts as its default, which is what the
+    build did before the field existed (a new stage's fields are no exception: the stage
+    itself has not run, which `build_default` sees)."""
     if before is None:
         return None
+    defaults = json.loads(json.dumps(asdict(Recipe())))
     for stage in STAGES:
-        if any(before.get(name) != after.get(name) for name in STAGE_FIELDS[stage]):
+        if any(before.get(name, defaults.get(name)) != after.get(name) for name in STAGE_FIELDS[stage]):
             return stage
+    return None
+
+
+def first_inserted_stage(done: dict) -> str | None:
+    """A stage that has not run while a later one has: one added to the build since (its
+    output would make every later stage's stale)."""
+    for index, stage in enumerate(STAGES):
+        if stage not in done:
+            return stage if any(later in done for later in STAGES[index + 1:]) else None
     return None
 
 
@@ -509,9 +525,13 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         state_file.write_text(json.dumps(state, indent=1))
 
     changed = first_changed_stage(state.get("recipe"), wanted) if stages else None
+    reason = "the recipe changed here"
+    inserted = first_inserted_stage(stages)
+    if inserted and (changed is None or STAGES.index(inserted) < STAGES.index(changed)):
+        changed, reason = inserted, "new in the build, after it everything is stale"
     if changed:
         stale = STAGES[STAGES.index(changed):]
-        print(f"[{changed}] the recipe changed here: {', '.join(stale)} run again", flush=True)
+        print(f"[{changed}] {reason}: {', '.join(stale)} run again", flush=True)
         for stage in stale:
             stages.pop(stage, None)
             partial.pop(stage, None)
