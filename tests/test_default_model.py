@@ -256,3 +256,27 @@ def test_an_interrupted_stage_counts_the_time_spent_before_the_kill(corpus, tmp_
     monkeypatch.setattr(recipe_module, "write_mixes", real_write_mixes)
     state = build_default(paths, recipe, until="mix")
     assert state["stages"]["mix"]["seconds"] >= 0.3 and "mix" not in state["unfinished_seconds"]
+
+
+@needs_sources
+def test_lone_object_mix_holds_every_position_question_of_one_object_scenes(corpus, tmp_path):
+    from bench.lone_objects import write
+
+    counts = write(corpus, tmp_path, scenes=5, test=2, seed=1)  # the small corpus has 2 such test questions
+    layouts = {str((corpus / r["image"]).resolve()): r for s in ("train", "test") for r in _rows(corpus / f"layouts_{s}.jsonl")}
+    position: dict[str, list] = {}
+    for s in ("train", "test"):
+        for t in _rows(corpus / f"triples_{s}.jsonl"):
+            if t["type"] == "position":
+                position.setdefault(str((corpus / t["image"]).resolve()), []).append((t["question"], t["answer"]))
+    train, test = _rows(tmp_path / "train.jsonl"), _rows(tmp_path / "test.jsonl")
+    good, problems = check_samples([tmp_path / "train.jsonl", tmp_path / "test.jsonl"])
+    assert not problems and len(good) == len(train) + len(test) == 5 + 2 == counts["train_scenes"] + counts["test_questions"]
+    for row in train:
+        assert "/train/" in row["image"] and sum(o["count"] for o in layouts[row["image"]]["objects"]) == 1
+        turns = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(row["conversations"][::2], row["conversations"][1::2])]
+        assert sorted(turns) == sorted(position[row["image"]])
+    for row in test:
+        assert "/test/" in row["image"] and row["type"] == "position"
+        assert sum(o["count"] for o in layouts[row["image"]]["objects"]) == 1
+        assert (row["question"], row["answer"]) in position[row["image"]]
