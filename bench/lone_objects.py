@@ -22,39 +22,33 @@ import json
 import random
 from pathlib import Path
 
-
-def _rows(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+from training.default_model import _conversation, _group, _read_jsonl, _write_jsonl
 
 
 def one_object_scenes(corpus: Path, split: str) -> set[str]:
-    return {row["image"] for row in _rows(corpus / f"layouts_{split}.jsonl")
+    return {row["image"] for row in _read_jsonl(corpus / f"layouts_{split}.jsonl")
             if sum(obj["count"] for obj in row["objects"]) == 1}
+
+
+def _position_questions(corpus: Path, split: str) -> list[dict]:
+    """The position triples of `split` about one-object scenes, in file order."""
+    lone = one_object_scenes(corpus, split)
+    return [t for t in _read_jsonl(corpus / f"triples_{split}.jsonl") if t["image"] in lone and t["type"] == "position"]
 
 
 def write(corpus: Path, out: Path, scenes: int, test: int, seed: int) -> dict:
     rng = random.Random(seed)
-    lone = one_object_scenes(corpus, "train")
-    questions: dict[str, list[dict]] = {}
-    for t in _rows(corpus / "triples_train.jsonl"):
-        if t["image"] in lone and t["type"] == "position":
-            questions.setdefault(t["image"], []).append(t)
+    root = corpus.resolve()
+    questions = _group(_position_questions(corpus, "train"))
     picked = rng.sample(sorted(questions), min(scenes, len(questions)))
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "train.jsonl").open("w", encoding="utf-8") as f:
-        for name in picked:
-            turns = []
-            for index, t in enumerate(questions[name]):
-                turns += [{"from": "human", "value": ("<image>\n" if index == 0 else "") + t["question"]},
-                          {"from": "gpt", "value": t["answer"]}]
-            f.write(json.dumps({"id": f"lone:{name}", "image": str(corpus.resolve() / name), "conversations": turns}) + "\n")
-    lone_test = one_object_scenes(corpus, "test")
-    pool = [t for t in _rows(corpus / "triples_test.jsonl") if t["image"] in lone_test and t["type"] == "position"]
+    pool = _position_questions(corpus, "test")
     chosen = rng.sample(pool, min(test, len(pool)))
-    with (out / "test.jsonl").open("w", encoding="utf-8") as f:
-        for t in chosen:
-            f.write(json.dumps({**t, "image": str(corpus.resolve() / t["image"])}) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "train.jsonl", [
+        _conversation(f"lone:{name}", str(root / name), [(t["question"], t["answer"]) for t in questions[name]])
+        for name in picked
+    ])
+    _write_jsonl(out / "test.jsonl", [{**t, "image": str(root / t["image"])} for t in chosen])
     return {"train_scenes": len(picked), "train_questions": sum(len(questions[n]) for n in picked), "test_questions": len(chosen)}
 
 

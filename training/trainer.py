@@ -155,10 +155,11 @@ class LengthGroupedPermutation(EpochPermutation):
         for start in range(0, len(order), size):
             chunk = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
             batches += [chunk[s:s + self.batch_size] for s in range(0, len(chunk), self.batch_size)]
-        full = [b for b in batches if len(b) == self.batch_size]
+        # Mega-batches hold whole batches, so only the epoch's very last batch can be short.
+        short = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7)
-        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-        return iter([i for batch in shuffled + [b for b in batches if len(b) < self.batch_size] for i in batch])
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return iter([i for batch in shuffled + short for i in batch])
 
 
 def param_groups(module: nn.Module, lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
