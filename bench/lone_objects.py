@@ -12,7 +12,8 @@ sample of the position questions about one-object test scenes). Then, for exampl
         --batch-size 8 --lr 5e-4 --projector-lr 1e-3 --vision full --vision-lr 3e-5 --warmup 0.03
     vlm-chat eval --model OUT/model --data OUT/test.jsonl --out OUT/after
 
-The model card has what this measured on the default model.
+The build's lone stage is this training, from the review's model; the model card has
+what it measured.
 """
 
 from __future__ import annotations
@@ -22,34 +23,23 @@ import json
 import random
 from pathlib import Path
 
-from training.default_model import _conversation, _group, _read_jsonl, _write_jsonl
-
-
-def one_object_scenes(corpus: Path, split: str) -> set[str]:
-    return {row["image"] for row in _read_jsonl(corpus / f"layouts_{split}.jsonl")
-            if sum(obj["count"] for obj in row["objects"]) == 1}
-
-
-def _position_questions(corpus: Path, split: str) -> list[dict]:
-    """The position triples of `split` about one-object scenes, in file order."""
-    lone = one_object_scenes(corpus, split)
-    return [t for t in _read_jsonl(corpus / f"triples_{split}.jsonl") if t["image"] in lone and t["type"] == "position"]
+from training.default_model import (
+    Recipe, _write_jsonl, position_questions, scenes_of, write_lone,
+)
 
 
 def write(corpus: Path, out: Path, scenes: int, test: int, seed: int) -> dict:
-    rng = random.Random(seed)
-    root = corpus.resolve()
-    questions = _group(_position_questions(corpus, "train"))
-    picked = rng.sample(sorted(questions), min(scenes, len(questions)))
-    pool = _position_questions(corpus, "test")
+    """OUT/train.jsonl as the build's lone stage writes it (its seed is the recipe's + 11),
+    and OUT/test.jsonl: `test` position questions about one-object test scenes."""
+    counts = write_lone(corpus, out, Recipe(seed=seed - 11, lone_scenes=scenes))
+    (out / "lone.jsonl").replace(out / "train.jsonl")
+    rng = random.Random(seed)  # the test sample is drawn after the lone stage's own draw
+    rng.sample(range(counts["one_object_scenes"]), counts["scenes"])
+    pool = [t for rows in position_questions(corpus, "test", scenes_of(corpus, "test", range(1, 2))).values() for t in rows]
     chosen = rng.sample(pool, min(test, len(pool)))
-    out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "train.jsonl", [
-        _conversation(f"lone:{name}", str(root / name), [(t["question"], t["answer"]) for t in questions[name]])
-        for name in picked
-    ])
+    root = corpus.resolve()
     _write_jsonl(out / "test.jsonl", [{**t, "image": str(root / t["image"])} for t in chosen])
-    return {"train_scenes": len(picked), "train_questions": sum(len(questions[n]) for n in picked), "test_questions": len(chosen)}
+    return {"train_scenes": counts["scenes"], "train_questions": counts["questions"], "test_questions": len(chosen)}
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from tests.test_corpus import needs_sources
 from training.corpus import CorpusConfig, build_corpus
 from training.data import check_samples
 from training.default_model import (
-    KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_drill, write_mixes,
-    write_review,
+    KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_consolidate,
+    write_drill, write_lone, write_mixes, write_review,
 )
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
@@ -201,6 +201,68 @@ def test_review_uses_scenes_no_earlier_stage_saw_and_brings_back_single_image_ca
     singles = [r for r in rows if r["id"].startswith("describe:")]
     assert len(singles) == 4 and all("/scene/" not in r["image"] and len(r["conversations"]) == 2 for r in singles)
     assert counts["questions"] == sum(len(r["conversations"]) // 2 for r in scenes)
+
+
+def _objects(corpus: Path) -> dict[str, int]:
+    return {r["image"]: sum(o["count"] for o in r["objects"]) for r in _rows(corpus / "layouts_train.jsonl")}
+
+
+@needs_sources
+def test_lone_asks_every_position_question_of_one_object_scenes(corpus, tmp_path):
+    counts = write_lone(corpus, tmp_path, replace(SMALL, lone_scenes=6))
+    rows = _rows(tmp_path / "lone.jsonl")
+    good, problems = check_samples([tmp_path / "lone.jsonl"])
+    assert not problems and len(good) == len(rows) == counts["scenes"] == 6
+    objects = _objects(corpus)
+    position = {}
+    for t in _rows(corpus / "triples_train.jsonl"):
+        if t["type"] == "position":
+            position.setdefault(t["image"], []).append((t["question"], t["answer"]))
+    for r in rows:
+        name = str(Path(r["image"]).relative_to(corpus.resolve()))
+        assert objects[name] == 1 and r["id"] == f"lone:{name}"
+        turns = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(r["conversations"][::2], r["conversations"][1::2])]
+        assert turns == position[name]  # all of them, in corpus order
+    assert counts["questions"] == sum(len(position[str(Path(r["image"]).relative_to(corpus.resolve()))]) for r in rows)
+
+
+@needs_sources
+def test_consolidate_brings_every_skill_back_with_position_kept_in_view(corpus, tmp_path):
+    recipe = replace(SMALL, instruct_conversations=10, drill_conversations=5, drill_turns=(3, 4), review_conversations=4,
+                     review_turns=(5, 13), review_caption_singles=2, lone_scenes=3, consolidate_conversations=5,
+                     consolidate_turns=(5, 13), consolidate_position_scenes=4, consolidate_lone_replay=2,
+                     consolidate_caption_singles=3)
+    write_mixes(corpus, tmp_path, recipe)
+    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
+    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    write_drill(corpus, tmp_path, recipe)
+    write_review(corpus, tmp_path, recipe)
+    write_lone(corpus, tmp_path, recipe)
+    counts = write_consolidate(corpus, tmp_path, recipe)
+    rows = _rows(tmp_path / "consolidate.jsonl")
+    good, problems = check_samples([tmp_path / "consolidate.jsonl"])
+    assert counts["fresh_scenes"] >= 5 + 4  # the small corpus has room for both parts
+    assert not problems and len(good) == len(rows) == 5 + 4 + 2 + 3 + 1
+    by_kind: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kind.setdefault(r["id"].split(":")[0], []).append(r)
+    assert {k: len(v) for k, v in by_kind.items()} == {"consolidate": 5, "place": 4, "lone": 2, "describe": 3, "text": 1}
+    # Fresh scenes: none an earlier mix (or the other part of this one) talked about.
+    earlier = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl", "review.jsonl", "lone.jsonl")
+               for r in _rows(tmp_path / name)}
+    fresh = [r["image"] for r in by_kind["consolidate"] + by_kind["place"]]
+    assert len(set(fresh)) == len(fresh) and not set(fresh) & earlier
+    assert all(len(r["conversations"]) >= 2 * 5 for r in by_kind["consolidate"])
+    # Position among distractors: scenes of two or more objects, position questions only.
+    objects = _objects(corpus)
+    position = {(t["image"], t["question"]) for t in _rows(corpus / "triples_train.jsonl") if t["type"] == "position"}
+    for r in by_kind["place"]:
+        name = str(Path(r["image"]).relative_to(corpus.resolve()))
+        assert objects[name] >= 2
+        assert all((name, q["value"].removeprefix("<image>\n")) in position for q in r["conversations"][::2])
+    lone = _rows(tmp_path / "lone.jsonl")
+    assert all(r in lone for r in by_kind["lone"])
+    assert counts["position_questions"] == sum(len(r["conversations"]) // 2 for r in by_kind["place"])
 
 
 def test_ship_copies_trained_parts_and_leaves_the_llm_a_reference(tiny_bundle, tmp_path):
