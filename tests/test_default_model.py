@@ -342,3 +342,28 @@ def test_lone_object_mix_holds_every_position_question_of_one_object_scenes(corp
         assert "/test/" in row["image"] and row["type"] == "position"
         assert sum(o["count"] for o in layouts[row["image"]]["objects"]) == 1
         assert (row["question"], row["answer"]) in position[row["image"]]
+
+
+@needs_sources
+def test_skill_alone_mix_holds_one_type_of_question_about_scenes_the_build_never_used(corpus, tmp_path):
+    from bench.skill_alone import write
+
+    work = tmp_path / "work"
+    write_mixes(corpus, work, replace(SMALL, instruct_conversations=10))
+    counts = write(corpus, work, "count", tmp_path / "out", scenes=6, test=3, seed=2)
+    used = {r["image"] for r in _rows(work / "instruct_images.jsonl") if r["id"].startswith("scene:")}
+    count: dict[str, list] = {}
+    for s in ("train", "test"):
+        for t in _rows(corpus / f"triples_{s}.jsonl"):
+            if t["type"] == "count":
+                count.setdefault(str((corpus / t["image"]).resolve()), []).append((t["question"], t["answer"]))
+    train, test = _rows(tmp_path / "out" / "train.jsonl"), _rows(tmp_path / "out" / "test.jsonl")
+    good, problems = check_samples([tmp_path / "out" / "train.jsonl", tmp_path / "out" / "test.jsonl"])
+    assert not problems and len(good) == len(train) + len(test) == 6 + 3 == counts["train_scenes"] + counts["test_questions"]
+    assert counts["scenes_used_by_the_build"] == len(used) > 0
+    for row in train:
+        assert "/train/" in row["image"] and row["image"] not in used
+        turns = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(row["conversations"][::2], row["conversations"][1::2])]
+        assert turns == count[row["image"]]  # all of them, in corpus order
+    for row in test:
+        assert "/test/" in row["image"] and row["type"] == "count" and (row["question"], row["answer"]) in count[row["image"]]

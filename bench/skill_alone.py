@@ -1,0 +1,65 @@
+"""One kind of question about training scenes a build never used: how far does the model
+get on that skill when it is all it is trained on?
+
+    python bench/skill_alone.py --corpus DIR --work WORK --type count --out DIR [--scenes 1600] [--test 400] [--seed 21]
+
+Writes OUT/train.jsonl (one conversation per scene: all of its questions of `--type`, for
+`--scenes` training scenes that none of WORK's mixes talked about) and OUT/test.jsonl (a
+sample of that type's questions about test scenes). Then, as with bench/lone_objects.py:
+
+    vlm-chat eval --model BUNDLE --data OUT/test.jsonl --out OUT/before
+    vlm-chat train --stage instruct --model BUNDLE --data OUT/train.jsonl --out OUT/model \\
+        --batch-size 8 --lr 5e-4 --projector-lr 1e-3 --vision full --vision-lr 3e-5 --warmup 0.03 --group-by-length
+    vlm-chat eval --model OUT/model --data OUT/test.jsonl --out OUT/after
+
+The model card has what this measured for counting on the default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from training.default_model import _conversation, _group, _read_jsonl, _used_scenes, _write_jsonl
+
+# Every scene mix of the default build, as (file in WORK, id prefix of its scene conversations).
+BUILD_MIXES = (("instruct_images.jsonl", "scene:"), ("drill.jsonl", "drill:"), ("review.jsonl", "review:"),
+               ("lone.jsonl", "lone:"), ("consolidate.jsonl", "consolidate:"), ("consolidate.jsonl", "place:"))
+
+
+def write(corpus: Path, work: Path, kind: str, out: Path, scenes: int, test: int, seed: int) -> dict:
+    used = _used_scenes(work, tuple((f, p) for f, p in BUILD_MIXES if (work / f).is_file()))
+    rng = random.Random(seed)
+    root = corpus.resolve()
+    questions = _group([t for t in _read_jsonl(corpus / "triples_train.jsonl") if t["type"] == kind and t["image"] not in used])
+    if not questions:
+        raise SystemExit(f"no {kind!r} questions about unused training scenes in {corpus}/triples_train.jsonl")
+    picked = rng.sample(sorted(questions), min(scenes, len(questions)))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "train.jsonl", [
+        _conversation(f"{kind}:{n}", str(root / n), [(t["question"], t["answer"]) for t in questions[n]]) for n in picked
+    ])
+    pool = [t for t in _read_jsonl(corpus / "triples_test.jsonl") if t["type"] == kind]
+    chosen = rng.sample(pool, min(test, len(pool)))
+    _write_jsonl(out / "test.jsonl", [{**t, "image": str(root / t["image"])} for t in chosen])
+    return {"scenes_used_by_the_build": len(used), "train_scenes": len(picked),
+            "train_questions": sum(len(questions[n]) for n in picked), "test_questions": len(chosen)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True, help="the build's work dir (its scenes are left out)")
+    parser.add_argument("--type", required=True, help="question type: count, color, position, relation, yesno, object, read")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--scenes", type=int, default=1600)
+    parser.add_argument("--test", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=21)
+    args = parser.parse_args()
+    print(json.dumps(write(args.corpus, args.work, args.type, args.out, args.scenes, args.test, args.seed)))
+
+
+if __name__ == "__main__":
+    main()
