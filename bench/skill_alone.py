@@ -1,14 +1,14 @@
 """One kind of question about training scenes a build never used: how far does the model
 get on that skill when it is all it is trained on?
 
-    python bench/skill_alone.py --corpus DIR --work WORK --type count --out DIR [--min-objects 1]
+    python bench/skill_alone.py --corpus DIR --work WORK --type count --out DIR [--min-objects 1] [--max-objects 6]
         [--scenes 1600] [--test 400] [--seed 21]
 
 Writes OUT/train.jsonl (one conversation per scene: all of its questions of `--type`, for
 `--scenes` training scenes that none of WORK's mixes talked about) and OUT/test.jsonl (a
-sample of that type's questions about test scenes). `--min-objects` keeps only scenes of
-at least that many objects, in both (position among distractors: `--type position
---min-objects 2`). Then, as with bench/lone_objects.py:
+sample of that type's questions about test scenes). `--min-objects` and `--max-objects`
+keep only scenes of that many objects, in both (position among distractors: `--type
+position --min-objects 2`). Then, as with bench/lone_objects.py:
 
     vlm-chat eval --model BUNDLE --data OUT/test.jsonl --out OUT/before
     vlm-chat train --stage instruct --model BUNDLE --data OUT/train.jsonl --out OUT/model \\
@@ -32,11 +32,12 @@ BUILD_MIXES = (("instruct_images.jsonl", "scene:"), ("drill.jsonl", "drill:"), (
                ("lone.jsonl", "lone:"), ("consolidate.jsonl", "consolidate:"), ("consolidate.jsonl", "place:"))
 
 
-def write(corpus: Path, work: Path, kind: str, out: Path, scenes: int, test: int, seed: int, min_objects: int = 1) -> dict:
+def write(corpus: Path, work: Path, kind: str, out: Path, scenes: int, test: int, seed: int, min_objects: int = 1,
+          max_objects: int = 99) -> dict:
     used = _used_scenes(work, tuple((f, p) for f, p in BUILD_MIXES if (work / f).is_file()))
     rng = random.Random(seed)
     root = corpus.resolve()
-    crowded = {split: scenes_of(corpus, split, range(min_objects, 100)) for split in ("train", "test")}
+    crowded = {split: scenes_of(corpus, split, range(min_objects, max_objects + 1)) for split in ("train", "test")}
     questions = _group([t for t in _read_jsonl(corpus / "triples_train.jsonl")
                         if t["type"] == kind and t["image"] not in used and t["image"] in crowded["train"]])
     if not questions:
@@ -60,11 +61,13 @@ def main() -> None:
     parser.add_argument("--type", required=True, help="question type: count, color, position, relation, yesno, object, read")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--min-objects", type=int, default=1, help="only scenes of at least this many objects")
+    parser.add_argument("--max-objects", type=int, default=99, help="only scenes of at most this many objects")
     parser.add_argument("--scenes", type=int, default=1600)
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--seed", type=int, default=21)
     args = parser.parse_args()
-    print(json.dumps(write(args.corpus, args.work, args.type, args.out, args.scenes, args.test, args.seed, args.min_objects)))
+    print(json.dumps(write(args.corpus, args.work, args.type, args.out, args.scenes, args.test, args.seed, args.min_objects,
+                           args.max_objects)))
 
 
 if __name__ == "__main__":

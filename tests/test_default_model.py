@@ -370,11 +370,11 @@ def test_skill_alone_mix_holds_one_type_of_question_about_scenes_the_build_never
 
 
 @needs_sources
-def test_skill_alone_keeps_only_scenes_of_at_least_min_objects(corpus, tmp_path):
+def test_skill_alone_keeps_only_scenes_of_min_to_max_objects(corpus, tmp_path):
     from bench.skill_alone import write
 
-    write(corpus, tmp_path / "work", "position", tmp_path / "out", scenes=5, test=3, seed=2, min_objects=3)
+    write(corpus, tmp_path / "work", "position", tmp_path / "out", scenes=5, test=3, seed=2, min_objects=3, max_objects=4)
     objects = {str((corpus / r["image"]).resolve()): sum(o["count"] for o in r["objects"])
                for s in ("train", "test") for r in _rows(corpus / f"layouts_{s}.jsonl")}
     rows = _rows(tmp_path / "out" / "train.jsonl") + _rows(tmp_path / "out" / "test.jsonl")
-    assert len(rows) == 5 + 3 and all(objects[r["image"]] >= 3 for r in rows)
+    assert len(rows) == 5 + 3 and all(3 <= objects[r["image"]] <= 4 for r in rows)
