@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 
 from training.default_model import (
-    Recipe, _write_jsonl, position_questions, scenes_of, write_lone,
+    Recipe, _write_jsonl, questions_of, scenes_of, write_lone,
 )
 
 
@@ -35,7 +35,7 @@ def write(corpus: Path, out: Path, scenes: int, test: int, seed: int) -> dict:
     (out / "lone.jsonl").replace(out / "train.jsonl")
     rng = random.Random(seed)  # the test sample is drawn after the lone stage's own draw
     rng.sample(range(counts["one_object_scenes"]), counts["scenes"])
-    pool = [t for rows in position_questions(corpus, "test", scenes_of(corpus, "test", range(1, 2))).values() for t in rows]
+    pool = [t for rows in questions_of(corpus, "test", "position", scenes_of(corpus, "test", range(1, 2))).values() for t in rows]
     chosen = rng.sample(pool, min(test, len(pool)))
     root = corpus.resolve()
     _write_jsonl(out / "test.jsonl", [{**t, "image": str(root / t["image"])} for t in chosen])

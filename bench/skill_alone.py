@@ -25,33 +25,28 @@ import json
 import random
 from pathlib import Path
 
-from training.default_model import _conversation, _group, _read_jsonl, _used_scenes, _write_jsonl, scenes_of
-
-# Every scene mix of the default build, as (file in WORK, id prefix of its scene conversations).
-BUILD_MIXES = (("instruct_images.jsonl", "scene:"), ("drill.jsonl", "drill:"), ("review.jsonl", "review:"),
-               ("lone.jsonl", "lone:"), ("consolidate.jsonl", "consolidate:"), ("consolidate.jsonl", "place:"))
+from training.default_model import (
+    SCENE_MIXES, _used_scenes, _write_jsonl, one_skill_conversations, questions_of, scenes_of,
+)
 
 
 def write(corpus: Path, work: Path, kind: str, out: Path, scenes: int, test: int, seed: int, min_objects: int = 1,
           max_objects: int = 99) -> dict:
-    used = _used_scenes(work, tuple((f, p) for f, p in BUILD_MIXES if (work / f).is_file()))
+    used = _used_scenes(work, tuple((f, p) for f, p in SCENE_MIXES if (work / f).is_file()))
     rng = random.Random(seed)
     root = corpus.resolve()
-    crowded = {split: scenes_of(corpus, split, range(min_objects, max_objects + 1)) for split in ("train", "test")}
-    questions = _group([t for t in _read_jsonl(corpus / "triples_train.jsonl")
-                        if t["type"] == kind and t["image"] not in used and t["image"] in crowded["train"]])
+    objects = range(min_objects, max_objects + 1)
+    questions = questions_of(corpus, "train", kind, scenes_of(corpus, "train", objects) - used)
     if not questions:
         raise SystemExit(f"no {kind!r} questions about unused training scenes in {corpus}/triples_train.jsonl")
-    picked = rng.sample(sorted(questions), min(scenes, len(questions)))
+    rows = one_skill_conversations(rng, kind, questions, scenes, lambda n: str(root / n))
     out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "train.jsonl", [
-        _conversation(f"{kind}:{n}", str(root / n), [(t["question"], t["answer"]) for t in questions[n]]) for n in picked
-    ])
-    pool = [t for t in _read_jsonl(corpus / "triples_test.jsonl") if t["type"] == kind and t["image"] in crowded["test"]]
+    _write_jsonl(out / "train.jsonl", rows)
+    pool = [t for group in questions_of(corpus, "test", kind, scenes_of(corpus, "test", objects)).values() for t in group]
     chosen = rng.sample(pool, min(test, len(pool)))
     _write_jsonl(out / "test.jsonl", [{**t, "image": str(root / t["image"])} for t in chosen])
-    return {"scenes_used_by_the_build": len(used), "train_scenes": len(picked),
-            "train_questions": sum(len(questions[n]) for n in picked), "test_questions": len(chosen)}
+    return {"scenes_used_by_the_build": len(used), "train_scenes": len(rows),
+            "train_questions": sum(len(r["conversations"]) // 2 for r in rows), "test_questions": len(chosen)}
 
 
 def main() -> None:

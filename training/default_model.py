@@ -315,10 +315,16 @@ def _write_fresh_scene_mix(
             "caption_singles": len(rows) - scenes, "text_turns": len(text), "fresh_scenes": len(fresh)}
 
 
+# Every mix of the build that talks about training scenes, in build order, as (file in
+# WORK, id prefix of its scene conversations): a later mix takes scenes none before used.
+SCENE_MIXES = (("instruct_images.jsonl", "scene:"), ("drill.jsonl", "drill:"), ("review.jsonl", "review:"),
+               ("lone.jsonl", "lone:"), ("consolidate.jsonl", "consolidate:"), ("consolidate.jsonl", "place:"))
+
+
 def write_drill(corpus: Path, work: Path, recipe: Recipe) -> dict:
     """drill.jsonl: long question conversations about training scenes the instruct mix
     did not use, a few opening with a caption, plus the distilled text turns again."""
-    used = _used_scenes(work, (("instruct_images.jsonl", "scene:"),))
+    used = _used_scenes(work, SCENE_MIXES[:1])
     return _write_fresh_scene_mix(corpus, work, "drill", random.Random(recipe.seed + 3), used,
                                   recipe.drill_conversations, recipe.drill_turns, recipe.drill_describe_share)
 
@@ -326,7 +332,7 @@ def write_drill(corpus: Path, work: Path, recipe: Recipe) -> dict:
 def write_review(corpus: Path, work: Path, recipe: Recipe) -> dict:
     """review.jsonl: scenes neither instruct nor drill used, with (nearly) all their
     questions, single-image captions as in instruct, and the text turns."""
-    used = _used_scenes(work, (("instruct_images.jsonl", "scene:"), ("drill.jsonl", "drill:")))
+    used = _used_scenes(work, SCENE_MIXES[:2])
     return _write_fresh_scene_mix(corpus, work, "review", random.Random(recipe.seed + 4), used,
                                   recipe.review_conversations, recipe.review_turns, recipe.review_describe_share,
                                   recipe.review_caption_singles)
@@ -338,15 +344,15 @@ def scenes_of(corpus: Path, split: str, objects: range) -> set[str]:
             if sum(obj["count"] for obj in row["objects"]) in objects}
 
 
-def position_questions(corpus: Path, split: str, scenes: set[str]) -> dict[str, list[dict]]:
-    """The position triples of `split` about `scenes`, grouped by image in file order."""
+def questions_of(corpus: Path, split: str, kind: str, scenes: set[str]) -> dict[str, list[dict]]:
+    """The triples of type `kind` in `split` about `scenes`, grouped by image in file order."""
     return _group([t for t in _read_jsonl(corpus / f"triples_{split}.jsonl")
-                   if t["type"] == "position" and t["image"] in scenes])
+                   if t["type"] == kind and t["image"] in scenes])
 
 
-def _position_conversations(rng: random.Random, prefix: str, questions: dict[str, list[dict]], count: int,
+def one_skill_conversations(rng: random.Random, prefix: str, questions: dict[str, list[dict]], count: int,
                             image) -> list[dict]:
-    """`count` scenes drawn from `questions`, each one conversation of all its position questions."""
+    """`count` scenes drawn from `questions`, each one conversation of all its questions there."""
     return [
         _conversation(f"{prefix}:{n}", image(n), [(t["question"], t["answer"]) for t in questions[n]])
         for n in rng.sample(sorted(questions), min(count, len(questions)))
@@ -357,8 +363,8 @@ def write_lone(corpus: Path, work: Path, recipe: Recipe) -> dict:
     """lone.jsonl: every position question of `lone_scenes` one-object training scenes,
     one conversation per scene (the same scenes as `bench/lone_objects.py --seed 11` for seed 0)."""
     root = corpus.resolve()
-    questions = position_questions(corpus, "train", scenes_of(corpus, "train", range(1, 2)))
-    rows = _position_conversations(random.Random(recipe.seed + 11), "lone", questions, recipe.lone_scenes,
+    questions = questions_of(corpus, "train", "position", scenes_of(corpus, "train", range(1, 2)))
+    rows = one_skill_conversations(random.Random(recipe.seed + 11), "lone", questions, recipe.lone_scenes,
                                    lambda n: str(root / n))
     work.mkdir(parents=True, exist_ok=True)
     _write_jsonl(work / "lone.jsonl", rows)
@@ -371,8 +377,7 @@ def write_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
     position questions of other such scenes of 2-6 objects, a replay of the lone mix,
     single-image captions and the text turns, shuffled."""
     rng = random.Random(recipe.seed + 5)
-    used = _used_scenes(work, (("instruct_images.jsonl", "scene:"), ("drill.jsonl", "drill:"),
-                               ("review.jsonl", "review:"), ("lone.jsonl", "lone:")))
+    used = _used_scenes(work, SCENE_MIXES[:4])
     root = corpus.resolve()
 
     def image(n: str) -> str:
@@ -385,7 +390,7 @@ def write_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
                                 recipe.consolidate_turns, recipe.consolidate_describe_share)
     taken = used | {r["id"].removeprefix("consolidate:") for r in rows}
     crowded = scenes_of(corpus, "train", range(2, 100)) - taken
-    placing = _position_conversations(rng, "place", position_questions(corpus, "train", crowded),
+    placing = one_skill_conversations(rng, "place", questions_of(corpus, "train", "position", crowded),
                                       recipe.consolidate_position_scenes, image)
     lone = _read_jsonl(work / "lone.jsonl")
     replay = rng.sample(lone, min(recipe.consolidate_lone_replay, len(lone)))
