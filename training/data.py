@@ -60,6 +60,7 @@ class Sample:
     images: list[Path] = field(default_factory=list)
     type: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)  # the row as read, for --fix-out
+    tokens: int | None = None  # its training length, image tokens included, once check_samples counted it
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def check_samples(
         for sample in samples:
             if (sample.file, sample.row) in bad:
                 continue
-            count = token_count(processor, sample)
+            count = sample.tokens = token_count(processor, sample)
             if count > max_length:
                 problems.append(Problem(sample.file, sample.row, "-", f"{count} tokens, over the context of {max_length}"))
     bad = {(p.file, p.row) for p in problems}
@@ -300,8 +301,9 @@ class ConversationDataset(Dataset):
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
 
     def lengths(self) -> list[int]:
-        """Tokens per sample, image tokens included (for batches of similar length)."""
-        return [token_count(self.processor, sample) for sample in self.samples]
+        """Tokens per sample, image tokens included (for batches of similar length); the
+        count check_samples made (training passes both the same processor) is reused."""
+        return [token_count(self.processor, s) if s.tokens is None else s.tokens for s in self.samples]
 
 
 def token_count(processor, sample: Sample) -> int:
