@@ -1,0 +1,53 @@
+"""Contracts of the bench probes that decide where the model card says a skill is lost."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+
+from bench.find_probe import CELLS, fit_and_test, objects
+
+COLOURS, KINDS = ["red", "green", "blue", "pink", "-"], ["star", "circle", "bug"]
+
+
+def _scenes(n: int, seed: int) -> tuple[torch.Tensor, list[tuple]]:
+    """Nine tokens, one per grid cell; a token holds its object's colour and kind one-hot."""
+    rng = random.Random(seed)
+    tokens = torch.randn(n, len(CELLS), len(COLOURS) + len(KINDS)) * 0.1
+    items = []
+    for scene in range(n):
+        cells = rng.sample(range(len(CELLS)), rng.randint(2, 4))
+        pairs = rng.sample([(c, k) for c in COLOURS for k in KINDS], len(cells))
+        for cell, (colour, kind) in zip(cells, pairs):
+            tokens[scene, cell, COLOURS.index(colour)] += 1
+            tokens[scene, cell, len(COLOURS) + KINDS.index(kind)] += 1
+            items.append((scene, colour, kind, cell, len(cells)))
+    return tokens, items
+
+
+def test_find_readout_finds_objects_only_through_the_query():
+    train_x, train_items = _scenes(600, 0)
+    test_x, test_items = _scenes(150, 1)
+    vocab = ({c: n + 1 for n, c in enumerate(COLOURS)}, {k: n + 1 for n, k in enumerate(KINDS)})
+    found = fit_and_test(train_x, train_items, test_x, test_items, vocab, steps=150, use_query=True)
+    blind = fit_and_test(train_x, train_items, test_x, test_items, vocab, steps=150, use_query=False)
+    assert found["n"] == len(test_items) and set(found["by_objects"]) == {2, 3, 4}
+    assert found["all"] > 0.9  # the named object's cell, read off where the attention lands
+    assert blind["all"] < 0.55  # without a query it can only guess one of 2-4 objects
+
+
+def test_find_probe_takes_objects_that_appear_once_in_scenes_of_two_or_more(tmp_path):
+    rows = [
+        {"image": "a.png", "objects": [{"color": "red", "key": "star", "count": 1, "cells": ["top left"]}]},
+        {"image": "b.png", "objects": [{"color": "red", "key": "star", "count": 1, "cells": ["center"]},
+                                       {"color": None, "key": "bug", "count": 2, "cells": ["top right", "bottom left"]}]},
+        {"image": "c.png", "objects": [{"color": "blue", "key": "circle", "count": 1, "cells": ["bottom right"]},
+                                       {"color": None, "key": "bug", "count": 1, "cells": ["top middle"]}]},
+    ]
+    (tmp_path / "layouts_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths, items = objects(tmp_path, "test", limit=10)
+    assert [p.name for p in paths] == ["b.png", "c.png"]  # a lone object needs no finding
+    assert items == [(0, "red", "star", CELLS.index("center"), 3),
+                     (1, "blue", "circle", CELLS.index("bottom right"), 2), (1, "-", "bug", CELLS.index("top middle"), 2)]
