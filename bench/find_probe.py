@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from training.corpus.scenes import CELL_NAMES
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-CELLS = [CELL_NAMES[cell] for cell in sorted(CELL_NAMES)]  # row-major, as bench/probe_vision.py
+from bench.probe_vision import CELLS, encoded, random_tower  # noqa: E402
 
 
 def objects(corpus: Path, split: str, limit: int) -> tuple[list[Path], list[tuple[int, str, str, int, int]]]:
@@ -53,11 +55,6 @@ def objects(corpus: Path, split: str, limit: int) -> tuple[list[Path], list[tupl
             if len(paths) == limit:
                 break
     return paths, found
-
-
-@torch.no_grad()
-def tokens(encode, processor, paths: list[Path], batch: int = 64) -> torch.Tensor:
-    return torch.cat([encode(processor.preprocess_images(paths[s : s + batch])) for s in range(0, len(paths), batch)])
 
 
 class FindReadout(nn.Module):
@@ -122,28 +119,21 @@ def main() -> None:
     parser.add_argument("--llm-tokens-only", action="store_true", help="probe only the image embeddings the LLM receives")
     args = parser.parse_args()
 
-    from transformers import CLIPVisionModel
-
     from vlm_chat.defaults import resolve_model
     from vlm_chat.model import VisionLanguageModel
-    from vlm_chat.vision import VisionTower
 
     model, processor = VisionLanguageModel.from_pretrained(resolve_model(args.model), device="cpu", quantization="none")
     model.eval()
-    torch.manual_seed(0)
-    random_tower = VisionTower(CLIPVisionModel(model.vision_tower.model.config).eval(), model.config.vision, True)
-    encoders = {
-        "image embeddings the LLM receives": model.get_image_features,
-        "the bundle's vision features (before the projector)": model.vision_tower,
-        "random init tower (baseline)": random_tower,
-    }
-    if args.llm_tokens_only:
-        encoders = dict(list(encoders.items())[:1])
+    encoders = {"image embeddings the LLM receives": model.get_image_features}
+    if not args.llm_tokens_only:
+        encoders["the bundle's vision features (before the projector)"] = model.vision_tower
+        encoders["random init tower (baseline)"] = random_tower(model)
     train_paths, train_items = objects(args.corpus, "train", args.train)
     test_paths, test_items = objects(args.corpus, "test", args.test)
     colours = {c: n + 1 for n, c in enumerate(sorted({i[1] for i in train_items}))}
     kinds = {k: n + 1 for n, k in enumerate(sorted({i[2] for i in train_items}))}
-    unseen = sum((i[1], i[2]) not in {(t[1], t[2]) for t in train_items} for i in test_items)
+    seen = {(t[1], t[2]) for t in train_items}
+    unseen = sum((i[1], i[2]) not in seen for i in test_items)
     print(f"{len(train_items)} objects in {len(train_paths)} training scenes, {len(test_items)} in {len(test_paths)} "
           f"test scenes ({unseen} of them a colour-and-kind pair training never had); {args.steps} steps x 256, "
           f"{'linear' if args.linear_key else 'MLP'} keys\n")
@@ -151,7 +141,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, encode in encoders.items():
         start = time.perf_counter()
-        train_x, test_x = tokens(encode, processor, train_paths), tokens(encode, processor, test_paths)
+        train_x, test_x = encoded(encode, processor, train_paths), encoded(encode, processor, test_paths)
         found = fit_and_test(train_x, train_items, test_x, test_items, (colours, kinds), args.steps, True,
                              args.linear_key)
         blind = fit_and_test(train_x, train_items, test_x, test_items, (colours, kinds), args.steps, False,

@@ -53,19 +53,29 @@ def scenes(corpus: Path, split: str, limit: int) -> tuple[list[Path], torch.Tens
 
 
 @torch.no_grad()
-def features(tower, processor, paths: list[Path], batch: int = 64) -> torch.Tensor:
-    out = []
-    for start in range(0, len(paths), batch):
-        pixels = processor.preprocess_images(paths[start : start + batch])
-        out.append(tower(pixels).flatten(1))
-    return torch.cat(out)
+def encoded(encode, processor, paths: list[Path], batch: int = 64) -> torch.Tensor:
+    """(N, P, D): `encode` (a tower, or the model's get_image_features) on every image, a batch at a time."""
+    return torch.cat([encode(processor.preprocess_images(paths[s : s + batch])) for s in range(0, len(paths), batch)])
 
 
-@torch.no_grad()
-def token_embeddings(model, processor, paths: list[Path], batch: int = 64) -> torch.Tensor:
+def features(tower, processor, paths: list[Path]) -> torch.Tensor:
+    """(N, P * D): the patch features the projector receives, flattened per image."""
+    return encoded(tower, processor, paths).flatten(1)
+
+
+def token_embeddings(model, processor, paths: list[Path]) -> torch.Tensor:
     """(N, P', D_lm): the image embeddings the LLM receives, one per image token."""
-    return torch.cat([model.get_image_features(processor.preprocess_images(paths[s : s + batch]))
-                      for s in range(0, len(paths), batch)])
+    return encoded(model.get_image_features, processor, paths)
+
+
+def random_tower(model):
+    """A randomly initialised tower of the bundle's shape (seeded): the probes' baseline."""
+    from transformers import CLIPVisionModel
+
+    from vlm_chat.vision import VisionTower
+
+    torch.manual_seed(0)
+    return VisionTower(CLIPVisionModel(model.vision_tower.model.config).eval(), model.config.vision, True)
 
 
 @torch.no_grad()
@@ -119,11 +129,9 @@ def main() -> None:
 
     import copy
 
-    from transformers import CLIPVisionModel
-
     from vlm_chat.defaults import resolve_model
     from vlm_chat.model import VisionLanguageModel
-    from vlm_chat.vision import VisionTower, load_vision_tower
+    from vlm_chat.vision import load_vision_tower
 
     model, processor = VisionLanguageModel.from_pretrained(resolve_model(args.model), device="cpu", quantization="none")
     shipped_clip = Path(__file__).resolve().parents[1] / "vlm_chat" / "assets" / "clip"
@@ -133,9 +141,7 @@ def main() -> None:
         "bundle's tower": model.vision_tower,
         "shipped CLIP": load_vision_tower(config, str(shipped_clip), torch.float32, torch.device("cpu")),
     }
-    torch.manual_seed(0)
-    random_model = CLIPVisionModel(model.vision_tower.model.config).eval()
-    towers["random init (baseline)"] = VisionTower(random_model, config, True)
+    towers["random init (baseline)"] = random_tower(model)
 
     corpus = Path(args.corpus)
     train_paths, train_cells, train_counts = scenes(corpus, "train", args.train)
