@@ -13,7 +13,7 @@ from training.corpus import CorpusConfig, build_corpus
 from training.data import check_samples
 from training.default_model import (
     KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_consolidate,
-    write_drill, write_lone, write_mixes, write_review,
+    write_crowd, write_drill, write_lone, write_mixes, write_recall, write_review,
 )
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
@@ -207,6 +207,23 @@ def _objects(corpus: Path) -> dict[str, int]:
     return {r["image"]: sum(o["count"] for o in r["objects"]) for r in _rows(corpus / "layouts_train.jsonl")}
 
 
+def _all_position_questions_per_scene(corpus: Path, rows: list[dict], prefix: str) -> list[str]:
+    """Checks that each row is one scene's conversation of all its position questions, in
+    corpus order, with the id "<prefix>:<scene>"; returns the scenes' corpus names."""
+    position: dict[str, list[tuple[str, str]]] = {}
+    for t in _rows(corpus / "triples_train.jsonl"):
+        if t["type"] == "position":
+            position.setdefault(t["image"], []).append((t["question"], t["answer"]))
+    names = []
+    for r in rows:
+        name = str(Path(r["image"]).relative_to(corpus.resolve()))
+        assert r["id"] == f"{prefix}:{name}"
+        turns = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(r["conversations"][::2], r["conversations"][1::2])]
+        assert turns == position[name]  # all of them, in corpus order
+        names.append(name)
+    return names
+
+
 @needs_sources
 def test_lone_asks_every_position_question_of_one_object_scenes(corpus, tmp_path):
     counts = write_lone(corpus, tmp_path, replace(SMALL, lone_scenes=6))
@@ -214,31 +231,32 @@ def test_lone_asks_every_position_question_of_one_object_scenes(corpus, tmp_path
     good, problems = check_samples([tmp_path / "lone.jsonl"])
     assert not problems and len(good) == len(rows) == counts["scenes"] == 6
     objects = _objects(corpus)
-    position = {}
-    for t in _rows(corpus / "triples_train.jsonl"):
-        if t["type"] == "position":
-            position.setdefault(t["image"], []).append((t["question"], t["answer"]))
-    for r in rows:
-        name = str(Path(r["image"]).relative_to(corpus.resolve()))
-        assert objects[name] == 1 and r["id"] == f"lone:{name}"
-        turns = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(r["conversations"][::2], r["conversations"][1::2])]
-        assert turns == position[name]  # all of them, in corpus order
-    assert counts["questions"] == sum(len(position[str(Path(r["image"]).relative_to(corpus.resolve()))]) for r in rows)
+    for name in _all_position_questions_per_scene(corpus, rows, "lone"):
+        assert objects[name] == 1
+    assert counts["questions"] == sum(len(r["conversations"]) // 2 for r in rows)
+
+
+CHAIN = replace(SMALL, instruct_conversations=10, drill_conversations=5, drill_turns=(3, 4), review_conversations=4,
+                review_turns=(5, 13), review_caption_singles=2, lone_scenes=3, consolidate_conversations=5,
+                consolidate_turns=(5, 13), consolidate_position_scenes=4, consolidate_lone_replay=2,
+                consolidate_caption_singles=3, crowd_scenes=4,
+                recall_conversations=3, recall_turns=(5, 13), recall_crowd_replay=2, recall_caption_singles=2)
+
+
+def _mixes_up_to_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
+    """Every mix of the build in order, up to consolidate's; returns consolidate's counts."""
+    write_mixes(corpus, work, recipe)
+    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
+    (work / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    write_drill(corpus, work, recipe)
+    write_review(corpus, work, recipe)
+    write_lone(corpus, work, recipe)
+    return write_consolidate(corpus, work, recipe)
 
 
 @needs_sources
 def test_consolidate_brings_every_skill_back_with_position_kept_in_view(corpus, tmp_path):
-    recipe = replace(SMALL, instruct_conversations=10, drill_conversations=5, drill_turns=(3, 4), review_conversations=4,
-                     review_turns=(5, 13), review_caption_singles=2, lone_scenes=3, consolidate_conversations=5,
-                     consolidate_turns=(5, 13), consolidate_position_scenes=4, consolidate_lone_replay=2,
-                     consolidate_caption_singles=3)
-    write_mixes(corpus, tmp_path, recipe)
-    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
-    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
-    write_drill(corpus, tmp_path, recipe)
-    write_review(corpus, tmp_path, recipe)
-    write_lone(corpus, tmp_path, recipe)
-    counts = write_consolidate(corpus, tmp_path, recipe)
+    counts = _mixes_up_to_consolidate(corpus, tmp_path, CHAIN)
     rows = _rows(tmp_path / "consolidate.jsonl")
     good, problems = check_samples([tmp_path / "consolidate.jsonl"])
     assert counts["fresh_scenes"] >= 5 + 4  # the small corpus has room for both parts
@@ -263,6 +281,51 @@ def test_consolidate_brings_every_skill_back_with_position_kept_in_view(corpus, 
     lone = _rows(tmp_path / "lone.jsonl")
     assert all(r in lone for r in by_kind["lone"])
     assert counts["position_questions"] == sum(len(r["conversations"]) // 2 for r in by_kind["place"])
+
+
+@needs_sources
+def test_crowd_asks_every_position_question_of_crowded_scenes_no_earlier_mix_used(corpus, tmp_path):
+    _mixes_up_to_consolidate(corpus, tmp_path, CHAIN)
+    counts = write_crowd(corpus, tmp_path, CHAIN)
+    rows = _rows(tmp_path / "crowd.jsonl")
+    good, problems = check_samples([tmp_path / "crowd.jsonl"])
+    assert counts["fresh_crowded_scenes"] > 4  # the small corpus has one left over
+    assert not problems and len(good) == len(rows) == counts["scenes"] == 4
+    earlier = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl", "review.jsonl", "lone.jsonl",
+                                           "consolidate.jsonl") for r in _rows(tmp_path / name)}
+    assert not {r["image"] for r in rows} & earlier and len({r["image"] for r in rows}) == 4
+    objects = _objects(corpus)
+    for name in _all_position_questions_per_scene(corpus, rows, "crowd"):
+        assert objects[name] >= 2
+    assert counts["questions"] == sum(len(r["conversations"]) // 2 for r in rows)
+    # Later bench runs (skill_alone) leave the crowd's scenes out too.
+    from bench.skill_alone import write
+
+    write(corpus, tmp_path, "position", tmp_path / "alone", scenes=10_000, test=5, seed=1, min_objects=2)
+    assert not {r["image"] for r in _rows(tmp_path / "alone" / "train.jsonl")} & {r["image"] for r in rows}
+
+
+@needs_sources
+def test_recall_brings_every_skill_back_on_fresh_scenes_with_the_crowd_replayed(corpus, tmp_path):
+    _mixes_up_to_consolidate(corpus, tmp_path, CHAIN)
+    write_crowd(corpus, tmp_path, CHAIN)
+    counts = write_recall(corpus, tmp_path, CHAIN)
+    rows = _rows(tmp_path / "recall.jsonl")
+    good, problems = check_samples([tmp_path / "recall.jsonl"])
+    assert counts["fresh_scenes"] >= 3
+    assert not problems and len(good) == len(rows) == 3 + 2 + 2 + 1
+    by_kind: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kind.setdefault(r["id"].split(":")[0], []).append(r)
+    assert {k: len(v) for k, v in by_kind.items()} == {"recall": 3, "crowd": 2, "describe": 2, "text": 1}
+    earlier = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl", "review.jsonl", "lone.jsonl",
+                                           "consolidate.jsonl", "crowd.jsonl") for r in _rows(tmp_path / name)}
+    fresh = [r["image"] for r in by_kind["recall"]]
+    assert len(set(fresh)) == 3 and not set(fresh) & earlier
+    assert all(len(r["conversations"]) >= 2 * 5 for r in by_kind["recall"])
+    crowd = _rows(tmp_path / "crowd.jsonl")
+    assert all(r in crowd for r in by_kind["crowd"])
+    assert counts["scene_questions"] == sum(len(r["conversations"]) // 2 for r in by_kind["recall"])
 
 
 def test_ship_copies_trained_parts_and_leaves_the_llm_a_reference(tiny_bundle, tmp_path):

@@ -46,7 +46,7 @@ from training.data import IMAGE
 from vlm_chat.errors import UserFacingError
 
 STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "review", "lone", "consolidate",
-          "eval", "ship")
+          "crowd", "recall", "eval", "ship")
 SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "vlm_chat" / "assets" / "clip"
 
 
@@ -114,6 +114,28 @@ class Recipe:
         "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
         "eval_max_batches": 10, "val_fraction": 0.01, "group_by_length": True,
     })
+    # Finding the named object among others needs tens of thousands of examples
+    # (bench/find_probe.py); the mixes above hold ~8k position answers about crowded scenes.
+    # The crowd stage gives it every position question of this many fresh scenes of 2-6
+    # objects (~23k answers), with the settings of `bench/skill_alone.py`'s runs.
+    crowd_scenes: int = 12000
+    crowd: dict = field(default_factory=lambda: {
+        "batch_size": 8, "lr": 5e-4, "projector_lr": 1e-3, "vision": "full", "vision_lr": 3e-5,
+        "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
+        "eval_max_batches": 10, "val_fraction": 0.02, "group_by_length": True,
+    })
+    # Trained alone for that long, position crowds out every other skill (overall 18.8 %):
+    # recall brings them back as consolidate did after lone, the crowd's scenes replayed.
+    recall_conversations: int = 1200  # fresh scenes, (nearly) all their questions
+    recall_turns: tuple[int, int] = (8, 13)
+    recall_describe_share: float = 0.1
+    recall_crowd_replay: int = 600  # conversations of the crowd mix again
+    recall_caption_singles: int = 330
+    recall: dict = field(default_factory=lambda: {
+        "batch_size": 8, "lr": 5e-4, "projector_lr": 1e-3, "vision": "full", "vision_lr": 3e-5,
+        "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
+        "eval_max_batches": 10, "val_fraction": 0.01, "group_by_length": True,
+    })
     eval_questions: int = 3000
     eval_caption_images: int = 400
     eval_batch_size: int = 32
@@ -134,12 +156,16 @@ STAGE_FIELDS = {
     "lone": ("seed", "lone_scenes", "lone"),
     "consolidate": ("seed", "consolidate_conversations", "consolidate_turns", "consolidate_describe_share",
                     "consolidate_position_scenes", "consolidate_lone_replay", "consolidate_caption_singles", "consolidate"),
+    "crowd": ("seed", "crowd_scenes", "crowd"),
+    "recall": ("seed", "recall_conversations", "recall_turns", "recall_describe_share", "recall_crowd_replay",
+               "recall_caption_singles", "recall"),
     "eval": ("eval_batch_size",),
     "ship": (),
 }
 STAGE_OUTPUTS = {"align": ("align",), "instruct": ("instruct",), "drill": ("drill", "drill.jsonl"),
                  "review": ("review", "review.jsonl"), "lone": ("lone", "lone.jsonl"),
-                 "consolidate": ("consolidate", "consolidate.jsonl"), "eval": ("eval",)}
+                 "consolidate": ("consolidate", "consolidate.jsonl"), "crowd": ("crowd", "crowd.jsonl"),
+                 "recall": ("recall", "recall.jsonl"), "eval": ("eval",)}
 
 
 # -- general text prompts the base LLM answers for itself (self-distillation) ---------------
@@ -203,6 +229,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     tmp.replace(path)
+
+
+def _questions(rows: list[dict]) -> int:
+    """How many question-answer turns `rows` hold."""
+    return sum(len(r["conversations"]) // 2 for r in rows)
 
 
 def _group(rows: list[dict]) -> dict[str, list[dict]]:
@@ -318,7 +349,8 @@ def _write_fresh_scene_mix(
 # Every mix of the build that talks about training scenes, in build order, as (file in
 # WORK, id prefix of its scene conversations): a later mix takes scenes none before used.
 SCENE_MIXES = (("instruct_images.jsonl", "scene:"), ("drill.jsonl", "drill:"), ("review.jsonl", "review:"),
-               ("lone.jsonl", "lone:"), ("consolidate.jsonl", "consolidate:"), ("consolidate.jsonl", "place:"))
+               ("lone.jsonl", "lone:"), ("consolidate.jsonl", "consolidate:"), ("consolidate.jsonl", "place:"),
+               ("crowd.jsonl", "crowd:"), ("recall.jsonl", "recall:"))
 
 
 def write_drill(corpus: Path, work: Path, recipe: Recipe) -> dict:
@@ -359,25 +391,32 @@ def one_skill_conversations(rng: random.Random, prefix: str, questions: dict[str
     ]
 
 
+def _write_position_mix(corpus: Path, work: Path, name: str, scenes: set[str], count: int, seed: int,
+                        pool: str) -> dict:
+    """WORK/<name>.jsonl: every position question of `count` of the training `scenes`, one
+    conversation per scene with the id "<name>:<scene>"; counts, with the scenes to draw
+    from under `pool`."""
+    root = corpus.resolve()
+    questions = questions_of(corpus, "train", "position", scenes)
+    rows = one_skill_conversations(random.Random(seed), name, questions, count, lambda n: str(root / n))
+    work.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(work / f"{name}.jsonl", rows)
+    return {"scenes": len(rows), "questions": _questions(rows), pool: len(questions)}
+
+
 def write_lone(corpus: Path, work: Path, recipe: Recipe) -> dict:
     """lone.jsonl: every position question of `lone_scenes` one-object training scenes,
     one conversation per scene (the same scenes as `bench/lone_objects.py --seed 11` for seed 0)."""
-    root = corpus.resolve()
-    questions = questions_of(corpus, "train", "position", scenes_of(corpus, "train", range(1, 2)))
-    rows = one_skill_conversations(random.Random(recipe.seed + 11), "lone", questions, recipe.lone_scenes,
-                                   lambda n: str(root / n))
-    work.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(work / "lone.jsonl", rows)
-    return {"scenes": len(rows), "questions": sum(len(r["conversations"]) // 2 for r in rows),
-            "one_object_scenes": len(questions)}
+    return _write_position_mix(corpus, work, "lone", scenes_of(corpus, "train", range(1, 2)), recipe.lone_scenes,
+                               recipe.seed + 11, pool="one_object_scenes")
 
 
-def write_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
-    """consolidate.jsonl: scenes no earlier mix used with (nearly) all their questions, the
-    position questions of other such scenes of 2-6 objects, a replay of the lone mix,
-    single-image captions and the text turns, shuffled."""
-    rng = random.Random(recipe.seed + 5)
-    used = _used_scenes(work, SCENE_MIXES[:4])
+def _write_every_skill_mix(corpus: Path, work: Path, name: str, rng: random.Random, used: set[str], conversations: int,
+                           turns: tuple[int, int], describe_share: float, replay_of: str, replay: int,
+                           caption_singles: int, more=None) -> dict:
+    """WORK/<name>.jsonl: `conversations` scenes outside `used` with (nearly) all their
+    questions, `more(rng, taken, image)`'s rows if given, `replay` rows of WORK/<replay_of>.jsonl
+    again, single-image captions and the text turns, shuffled; returns the counts."""
     root = corpus.resolve()
 
     def image(n: str) -> str:
@@ -386,26 +425,53 @@ def write_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
     triples = _group(_read_jsonl(corpus / "triples_train.jsonl"))
     captions = _group(_read_jsonl(corpus / "captions_train.jsonl"))
     fresh = sorted(n for n in triples if n not in used)
-    rows = _scene_conversations(rng, "consolidate", fresh, triples, captions, image, recipe.consolidate_conversations,
-                                recipe.consolidate_turns, recipe.consolidate_describe_share)
-    taken = used | {r["id"].removeprefix("consolidate:") for r in rows}
-    crowded = scenes_of(corpus, "train", range(2, 100)) - taken
-    placing = one_skill_conversations(rng, "place", questions_of(corpus, "train", "position", crowded),
-                                      recipe.consolidate_position_scenes, image)
-    lone = _read_jsonl(work / "lone.jsonl")
-    replay = rng.sample(lone, min(recipe.consolidate_lone_replay, len(lone)))
-    singles = _single_captions(rng, captions, image, recipe.consolidate_caption_singles)
+    rows = _scene_conversations(rng, name, fresh, triples, captions, image, conversations, turns, describe_share)
+    extra = more(rng, used | {r["id"].removeprefix(f"{name}:") for r in rows}, image) if more else []
+    earlier = _read_jsonl(work / f"{replay_of}.jsonl")
+    again = rng.sample(earlier, min(replay, len(earlier)))
+    singles = _single_captions(rng, captions, image, caption_singles)
     text = _read_jsonl(work / "text_turns.jsonl")
-    mixed = rows + placing + replay + singles + text
+    mixed = rows + extra + again + singles + text
     rng.shuffle(mixed)
-    _write_jsonl(work / "consolidate.jsonl", mixed)
+    _write_jsonl(work / f"{name}.jsonl", mixed)
+    return {"scene_conversations": len(rows), "scene_questions": _questions(rows), f"{replay_of}_replay": len(again),
+            "caption_singles": len(singles), "text_turns": len(text), "fresh_scenes": len(fresh),
+            **({"position_scenes": len(extra), "position_questions": _questions(extra)} if more else {})}
 
-    def questions(part: list[dict]) -> int:
-        return sum(len(r["conversations"]) // 2 for r in part)
 
-    return {"scene_conversations": len(rows), "scene_questions": questions(rows), "position_scenes": len(placing),
-            "position_questions": questions(placing), "lone_replay": len(replay), "caption_singles": len(singles),
-            "text_turns": len(text), "fresh_scenes": len(fresh)}
+def write_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
+    """consolidate.jsonl: scenes no earlier mix used with (nearly) all their questions, the
+    position questions of other such scenes of 2-6 objects, a replay of the lone mix,
+    single-image captions and the text turns, shuffled."""
+
+    def placing(rng: random.Random, taken: set[str], image) -> list[dict]:
+        crowded = scenes_of(corpus, "train", range(2, 100)) - taken
+        return one_skill_conversations(rng, "place", questions_of(corpus, "train", "position", crowded),
+                                       recipe.consolidate_position_scenes, image)
+
+    return _write_every_skill_mix(
+        corpus, work, "consolidate", random.Random(recipe.seed + 5), _used_scenes(work, SCENE_MIXES[:4]),
+        recipe.consolidate_conversations, recipe.consolidate_turns, recipe.consolidate_describe_share, "lone",
+        recipe.consolidate_lone_replay, recipe.consolidate_caption_singles, more=placing)
+
+
+def write_crowd(corpus: Path, work: Path, recipe: Recipe) -> dict:
+    """crowd.jsonl: every position question of `crowd_scenes` training scenes of 2 or more
+    objects that no earlier mix used, one conversation per scene (for seed 0 the scenes of
+    `bench/skill_alone.py --type position --min-objects 2 --scenes 12000 --seed 21`)."""
+    fresh = scenes_of(corpus, "train", range(2, 100)) - _used_scenes(work, SCENE_MIXES[:-2])
+    return _write_position_mix(corpus, work, "crowd", fresh, recipe.crowd_scenes, recipe.seed + 21,
+                               pool="fresh_crowded_scenes")
+
+
+def write_recall(corpus: Path, work: Path, recipe: Recipe) -> dict:
+    """recall.jsonl: every skill again after the crowd stage: scenes no earlier mix used
+    with (nearly) all their questions, a replay of the crowd mix, single-image captions
+    and the text turns, shuffled."""
+    return _write_every_skill_mix(
+        corpus, work, "recall", random.Random(recipe.seed + 31), _used_scenes(work, SCENE_MIXES[:-1]),
+        recipe.recall_conversations, recipe.recall_turns, recipe.recall_describe_share, "crowd",
+        recipe.recall_crowd_replay, recipe.recall_caption_singles)
 
 
 _DESCRIBE = (
@@ -566,6 +632,8 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
         "review": train("instruct", "review", after="drill", settings=recipe.review),
         "lone": train("instruct", "lone", after="review", settings=recipe.lone),
         "consolidate": train("instruct", "consolidate", after="lone", settings=recipe.consolidate),
+        "crowd": train("instruct", "crowd", after="consolidate", settings=recipe.crowd),
+        "recall": train("instruct", "recall", after="crowd", settings=recipe.recall),
         "eval": [
             "eval", "--model", str(w / FINAL_STAGE), "--data", str(w / "eval_triples.jsonl"), str(w / "eval_captions.jsonl"),
             "--batch-size", str(recipe.eval_batch_size), "--out", str(w / "eval"),
@@ -573,7 +641,7 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
     }
 
 
-FINAL_STAGE = "consolidate"  # the training stage whose bundle is evaluated and shipped
+FINAL_STAGE = "recall"  # the training stage whose bundle is evaluated and shipped
 NOT_SHIPPED = ("checkpoints",)  # the bundle itself is the result; optimizer states stay in WORK
 
 
@@ -684,6 +752,8 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         "review": mix_then_train("review", write_review),
         "lone": mix_then_train("lone", write_lone),
         "consolidate": mix_then_train("consolidate", write_consolidate),
+        "crowd": mix_then_train("crowd", write_crowd),
+        "recall": mix_then_train("recall", write_recall),
         "eval": evaluate,
         "ship": lambda: ship(w / FINAL_STAGE, paths.out, {
             "recipe.json": state_file, "scores.json": w / "eval" / "scores.json", "knowledge.json": w / "eval" / "knowledge.json",
