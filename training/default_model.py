@@ -21,6 +21,11 @@
   consolidate  everything again on fresh scenes with all their questions, position
             questions about scenes of 2-6 objects, a replay of the lone scenes,
             single-image captions and the text turns; batches grouped by length
+  crowd     position among others, at scale: every position question of 12,000
+            fresh scenes of 2-6 objects (~23k answers, 1,470 steps; finding the
+            named object needs examples by the tens of thousands), which again
+            crowds out every other skill
+  recall    everything again as in consolidate, with a replay of the crowd scenes
   eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
