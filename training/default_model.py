@@ -55,6 +55,15 @@ STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "dr
 SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "vlm_chat" / "assets" / "clip"
 
 
+# The training settings of consolidate, and of crowd and recall after it: LoRA at 5e-4,
+# projector 1e-3, vision tower 3e-5, batches of 8 grouped by length.
+EVERY_SKILL_SETTINGS = {
+    "batch_size": 8, "lr": 5e-4, "projector_lr": 1e-3, "vision": "full", "vision_lr": 3e-5,
+    "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
+    "eval_max_batches": 10, "val_fraction": 0.01, "group_by_length": True,
+}
+
+
 @dataclass
 class Recipe:
     """Everything that decides the default model; written next to it as recipe.json."""
@@ -114,21 +123,13 @@ class Recipe:
     consolidate_position_scenes: int = 600  # fresh scenes of 2-6 objects, their position questions only
     consolidate_lone_replay: int = 400  # conversations of the lone mix again
     consolidate_caption_singles: int = 330
-    consolidate: dict = field(default_factory=lambda: {
-        "batch_size": 8, "lr": 5e-4, "projector_lr": 1e-3, "vision": "full", "vision_lr": 3e-5,
-        "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
-        "eval_max_batches": 10, "val_fraction": 0.01, "group_by_length": True,
-    })
+    consolidate: dict = field(default_factory=lambda: dict(EVERY_SKILL_SETTINGS))
     # Finding the named object among others needs tens of thousands of examples
     # (bench/find_probe.py); the mixes above hold ~8k position answers about crowded scenes.
     # The crowd stage gives it every position question of this many fresh scenes of 2-6
     # objects (~23k answers), with the settings of `bench/skill_alone.py`'s runs.
     crowd_scenes: int = 12000
-    crowd: dict = field(default_factory=lambda: {
-        "batch_size": 8, "lr": 5e-4, "projector_lr": 1e-3, "vision": "full", "vision_lr": 3e-5,
-        "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
-        "eval_max_batches": 10, "val_fraction": 0.02, "group_by_length": True,
-    })
+    crowd: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
     # Trained alone for that long, position crowds out every other skill (overall 18.8 %):
     # recall brings them back as consolidate did after lone, the crowd's scenes replayed.
     recall_conversations: int = 1200  # fresh scenes, (nearly) all their questions
@@ -136,11 +137,7 @@ class Recipe:
     recall_describe_share: float = 0.1
     recall_crowd_replay: int = 600  # conversations of the crowd mix again
     recall_caption_singles: int = 330
-    recall: dict = field(default_factory=lambda: {
-        "batch_size": 8, "lr": 5e-4, "projector_lr": 1e-3, "vision": "full", "vision_lr": 3e-5,
-        "warmup": 0.03, "epochs": 1, "log_every": 10, "save_every_minutes": 5, "eval_every": 0,
-        "eval_max_batches": 10, "val_fraction": 0.01, "group_by_length": True,
-    })
+    recall: dict = field(default_factory=lambda: dict(EVERY_SKILL_SETTINGS))
     eval_questions: int = 3000
     eval_caption_images: int = 400
     eval_batch_size: int = 32
@@ -358,10 +355,16 @@ SCENE_MIXES = (("instruct_images.jsonl", "scene:"), ("drill.jsonl", "drill:"), (
                ("crowd.jsonl", "crowd:"), ("recall.jsonl", "recall:"))
 
 
+def _mixes_before(name: str) -> tuple[tuple[str, str], ...]:
+    """The entries of SCENE_MIXES written before WORK/<name>.jsonl."""
+    files = [f for f, _ in SCENE_MIXES]
+    return SCENE_MIXES[:files.index(f"{name}.jsonl")]
+
+
 def write_drill(corpus: Path, work: Path, recipe: Recipe) -> dict:
     """drill.jsonl: long question conversations about training scenes the instruct mix
     did not use, a few opening with a caption, plus the distilled text turns again."""
-    used = _used_scenes(work, SCENE_MIXES[:1])
+    used = _used_scenes(work, _mixes_before("drill"))
     return _write_fresh_scene_mix(corpus, work, "drill", random.Random(recipe.seed + 3), used,
                                   recipe.drill_conversations, recipe.drill_turns, recipe.drill_describe_share)
 
@@ -369,7 +372,7 @@ def write_drill(corpus: Path, work: Path, recipe: Recipe) -> dict:
 def write_review(corpus: Path, work: Path, recipe: Recipe) -> dict:
     """review.jsonl: scenes neither instruct nor drill used, with (nearly) all their
     questions, single-image captions as in instruct, and the text turns."""
-    used = _used_scenes(work, SCENE_MIXES[:2])
+    used = _used_scenes(work, _mixes_before("review"))
     return _write_fresh_scene_mix(corpus, work, "review", random.Random(recipe.seed + 4), used,
                                   recipe.review_conversations, recipe.review_turns, recipe.review_describe_share,
                                   recipe.review_caption_singles)
@@ -455,7 +458,7 @@ def write_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
                                        recipe.consolidate_position_scenes, image)
 
     return _write_every_skill_mix(
-        corpus, work, "consolidate", random.Random(recipe.seed + 5), _used_scenes(work, SCENE_MIXES[:4]),
+        corpus, work, "consolidate", random.Random(recipe.seed + 5), _used_scenes(work, _mixes_before("consolidate")),
         recipe.consolidate_conversations, recipe.consolidate_turns, recipe.consolidate_describe_share, "lone",
         recipe.consolidate_lone_replay, recipe.consolidate_caption_singles, more=placing)
 
@@ -464,7 +467,7 @@ def write_crowd(corpus: Path, work: Path, recipe: Recipe) -> dict:
     """crowd.jsonl: every position question of `crowd_scenes` training scenes of 2 or more
     objects that no earlier mix used, one conversation per scene (for seed 0 the scenes of
     `bench/skill_alone.py --type position --min-objects 2 --scenes 12000 --seed 21`)."""
-    fresh = scenes_of(corpus, "train", range(2, 100)) - _used_scenes(work, SCENE_MIXES[:-2])
+    fresh = scenes_of(corpus, "train", range(2, 100)) - _used_scenes(work, _mixes_before("crowd"))
     return _write_position_mix(corpus, work, "crowd", fresh, recipe.crowd_scenes, recipe.seed + 21,
                                pool="fresh_crowded_scenes")
 
@@ -474,7 +477,7 @@ def write_recall(corpus: Path, work: Path, recipe: Recipe) -> dict:
     with (nearly) all their questions, a replay of the crowd mix, single-image captions
     and the text turns, shuffled."""
     return _write_every_skill_mix(
-        corpus, work, "recall", random.Random(recipe.seed + 31), _used_scenes(work, SCENE_MIXES[:-1]),
+        corpus, work, "recall", random.Random(recipe.seed + 31), _used_scenes(work, _mixes_before("recall")),
         recipe.recall_conversations, recipe.recall_turns, recipe.recall_describe_share, "crowd",
         recipe.recall_crowd_replay, recipe.recall_caption_singles)
 
