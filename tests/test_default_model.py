@@ -13,7 +13,7 @@ from training.corpus import CorpusConfig, build_corpus
 from training.data import check_samples
 from training.default_model import (
     KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_consolidate,
-    write_crowd, write_drill, write_lone, write_mixes, write_recall, write_review,
+    write_crowd, write_drill, write_lone, write_mixes, write_recall, write_recount, write_review, write_tally,
 )
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
@@ -207,12 +207,12 @@ def _objects(corpus: Path) -> dict[str, int]:
     return {r["image"]: sum(o["count"] for o in r["objects"]) for r in _rows(corpus / "layouts_train.jsonl")}
 
 
-def _all_position_questions_per_scene(corpus: Path, rows: list[dict], prefix: str) -> list[str]:
-    """Checks that each row is one scene's conversation of all its position questions, in
+def _all_questions_per_scene(corpus: Path, rows: list[dict], prefix: str, kind: str = "position") -> list[str]:
+    """Checks that each row is one scene's conversation of all its `kind` questions, in
     corpus order, with the id "<prefix>:<scene>"; returns the scenes' corpus names."""
     position: dict[str, list[tuple[str, str]]] = {}
     for t in _rows(corpus / "triples_train.jsonl"):
-        if t["type"] == "position":
+        if t["type"] == kind:
             position.setdefault(t["image"], []).append((t["question"], t["answer"]))
     names = []
     for r in rows:
@@ -231,7 +231,7 @@ def test_lone_asks_every_position_question_of_one_object_scenes(corpus, tmp_path
     good, problems = check_samples([tmp_path / "lone.jsonl"])
     assert not problems and len(good) == len(rows) == counts["scenes"] == 6
     objects = _objects(corpus)
-    for name in _all_position_questions_per_scene(corpus, rows, "lone"):
+    for name in _all_questions_per_scene(corpus, rows, "lone"):
         assert objects[name] == 1
     assert counts["questions"] == sum(len(r["conversations"]) // 2 for r in rows)
 
@@ -240,7 +240,9 @@ CHAIN = replace(SMALL, instruct_conversations=10, drill_conversations=5, drill_t
                 review_turns=(5, 13), review_caption_singles=2, lone_scenes=3, consolidate_conversations=5,
                 consolidate_turns=(5, 13), consolidate_position_scenes=4, consolidate_lone_replay=2,
                 consolidate_caption_singles=3, crowd_scenes=4,
-                recall_conversations=3, recall_turns=(5, 13), recall_crowd_replay=2, recall_caption_singles=2)
+                recall_conversations=3, recall_turns=(5, 13), recall_crowd_replay=2, recall_caption_singles=2,
+                tally_scenes=4, recount_conversations=3, recount_turns=(5, 13), recount_tally_replay=2,
+                recount_crowd_replay=2, recount_caption_singles=2)
 
 
 def _mixes_up_to_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
@@ -295,7 +297,7 @@ def test_crowd_asks_every_position_question_of_crowded_scenes_no_earlier_mix_use
                                            "consolidate.jsonl") for r in _rows(tmp_path / name)}
     assert not {r["image"] for r in rows} & earlier and len({r["image"] for r in rows}) == 4
     objects = _objects(corpus)
-    for name in _all_position_questions_per_scene(corpus, rows, "crowd"):
+    for name in _all_questions_per_scene(corpus, rows, "crowd"):
         assert objects[name] >= 2
     assert counts["questions"] == sum(len(r["conversations"]) // 2 for r in rows)
     # Later bench runs (skill_alone) leave the crowd's scenes out too.
@@ -326,6 +328,47 @@ def test_recall_brings_every_skill_back_on_fresh_scenes_with_the_crowd_replayed(
     crowd = _rows(tmp_path / "crowd.jsonl")
     assert all(r in crowd for r in by_kind["crowd"])
     assert counts["scene_questions"] == sum(len(r["conversations"]) // 2 for r in by_kind["recall"])
+
+
+@needs_sources
+def test_tally_asks_every_count_question_of_scenes_no_earlier_mix_used(corpus, tmp_path):
+    _mixes_up_to_consolidate(corpus, tmp_path, CHAIN)
+    write_crowd(corpus, tmp_path, CHAIN)
+    write_recall(corpus, tmp_path, CHAIN)
+    counts = write_tally(corpus, tmp_path, CHAIN)
+    rows = _rows(tmp_path / "tally.jsonl")
+    good, problems = check_samples([tmp_path / "tally.jsonl"])
+    assert counts["fresh_scenes"] > 4
+    assert not problems and len(good) == len(rows) == counts["scenes"] == 4
+    earlier = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl", "review.jsonl", "lone.jsonl",
+                                           "consolidate.jsonl", "crowd.jsonl", "recall.jsonl") for r in _rows(tmp_path / name)}
+    assert not {r["image"] for r in rows} & earlier and len({r["image"] for r in rows}) == 4
+    _all_questions_per_scene(corpus, rows, "tally", kind="count")
+    assert all(len(r["conversations"]) >= 2 for r in rows)
+    assert counts["questions"] == sum(len(r["conversations"]) // 2 for r in rows)
+
+
+@needs_sources
+def test_recount_brings_every_skill_back_with_tally_and_crowd_replayed(corpus, tmp_path):
+    _mixes_up_to_consolidate(corpus, tmp_path, CHAIN)
+    for write in (write_crowd, write_recall, write_tally):
+        write(corpus, tmp_path, CHAIN)
+    counts = write_recount(corpus, tmp_path, CHAIN)
+    rows = _rows(tmp_path / "recount.jsonl")
+    good, problems = check_samples([tmp_path / "recount.jsonl"])
+    assert not problems and len(good) == len(rows) == 3 + 2 + 2 + 2 + 1
+    by_kind: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kind.setdefault(r["id"].split(":")[0], []).append(r)
+    assert {k: len(v) for k, v in by_kind.items()} == {"recount": 3, "tally": 2, "crowd": 2, "describe": 2, "text": 1}
+    assert counts["tally_replay"] == counts["crowd_replay"] == 2
+    earlier = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl", "review.jsonl", "lone.jsonl",
+                                           "consolidate.jsonl", "crowd.jsonl", "recall.jsonl", "tally.jsonl")
+               for r in _rows(tmp_path / name)}
+    assert not {r["image"] for r in by_kind["recount"]} & earlier
+    for mix in ("tally", "crowd"):
+        replayed = _rows(tmp_path / f"{mix}.jsonl")
+        assert all(r in replayed for r in by_kind[mix])
 
 
 def test_ship_copies_trained_parts_and_leaves_the_llm_a_reference(tiny_bundle, tmp_path):
