@@ -2,10 +2,11 @@
 get on that skill when it is all it is trained on?
 
     python bench/skill_alone.py --corpus DIR --work WORK --type count --out DIR [--min-objects 1] [--max-objects 6]
-        [--scenes 1600] [--test 400] [--seed 21]
+        [--scenes 1600] [--test 400] [--seed 21] [--reuse]
 
 Writes OUT/train.jsonl (one conversation per scene: all of its questions of `--type`, for
-`--scenes` training scenes that none of WORK's mixes talked about) and OUT/test.jsonl (a
+`--scenes` training scenes that none of WORK's mixes talked about, or any training scenes with
+`--reuse`) and OUT/test.jsonl (a
 sample of that type's questions about test scenes). `--min-objects` and `--max-objects`
 keep only scenes of that many objects, in both (position among distractors: `--type
 position --min-objects 2`). Then, as with bench/lone_objects.py:
@@ -31,14 +32,18 @@ from training.default_model import (
 
 
 def write(corpus: Path, work: Path, kind: str, out: Path, scenes: int, test: int, seed: int, min_objects: int = 1,
-          max_objects: int = 99) -> dict:
+          max_objects: int = 99, reuse: bool = False) -> dict:
+    """`reuse`: draw from every training scene, the build's included (for a skill whose
+    questions the build's mixes have nearly used up)."""
     used = _used_scenes(work, tuple((f, p) for f, p in SCENE_MIXES if (work / f).is_file()))
+    unusable = set() if reuse else used
     rng = random.Random(seed)
     root = corpus.resolve()
     objects = range(min_objects, max_objects + 1)
-    questions = questions_of(corpus, "train", kind, scenes_of(corpus, "train", objects) - used)
+    questions = questions_of(corpus, "train", kind, scenes_of(corpus, "train", objects) - unusable)
     if not questions:
-        raise SystemExit(f"no {kind!r} questions about unused training scenes in {corpus}/triples_train.jsonl")
+        raise SystemExit(f"no {kind!r} questions about {'' if reuse else 'unused '}training scenes in "
+                         f"{corpus}/triples_train.jsonl" + ("" if reuse else " (--reuse draws from all of them)"))
     rows = one_skill_conversations(rng, kind, questions, scenes, lambda n: str(root / n))
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "train.jsonl", rows)
@@ -60,9 +65,11 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=1600)
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--seed", type=int, default=21)
+    parser.add_argument("--reuse", action="store_true",
+                        help="draw from every training scene, also those the build's mixes used")
     args = parser.parse_args()
     print(json.dumps(write(args.corpus, args.work, args.type, args.out, args.scenes, args.test, args.seed, args.min_objects,
-                           args.max_objects)))
+                           args.max_objects, args.reuse)))
 
 
 if __name__ == "__main__":

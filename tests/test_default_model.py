@@ -484,3 +484,17 @@ def test_skill_alone_keeps_only_scenes_of_min_to_max_objects(corpus, tmp_path):
                for s in ("train", "test") for r in _rows(corpus / f"layouts_{s}.jsonl")}
     rows = _rows(tmp_path / "out" / "train.jsonl") + _rows(tmp_path / "out" / "test.jsonl")
     assert len(rows) == 5 + 3 and all(3 <= objects[r["image"]] <= 4 for r in rows)
+
+
+@needs_sources
+def test_skill_alone_reuse_draws_from_the_scenes_the_build_used_too(corpus, tmp_path):
+    from bench.skill_alone import write
+
+    work = tmp_path / "work"
+    write_mixes(corpus, work, replace(SMALL, instruct_conversations=10))
+    used = {r["image"] for r in _rows(work / "instruct_images.jsonl") if r["id"].startswith("scene:")}
+    fresh = write(corpus, work, "count", tmp_path / "fresh", scenes=10**6, test=1, seed=2)
+    every = write(corpus, work, "count", tmp_path / "every", scenes=10**6, test=1, seed=2, reuse=True)
+    images = {r["image"] for r in _rows(tmp_path / "every" / "train.jsonl")}
+    assert every["train_scenes"] == len(images) > fresh["train_scenes"] > 0
+    assert images & used and images >= {r["image"] for r in _rows(tmp_path / "fresh" / "train.jsonl")}
