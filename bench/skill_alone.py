@@ -5,11 +5,10 @@ get on that skill when it is all it is trained on?
         [--scenes 1600] [--test 400] [--seed 21] [--reuse]
 
 Writes OUT/train.jsonl (one conversation per scene: all of its questions of `--type`, for
-`--scenes` training scenes that none of WORK's mixes talked about, or any training scenes with
-`--reuse`) and OUT/test.jsonl (a
-sample of that type's questions about test scenes). `--min-objects` and `--max-objects`
-keep only scenes of that many objects, in both (position among distractors: `--type
-position --min-objects 2`). Then, as with bench/lone_objects.py:
+`--scenes` training scenes that none of WORK's mixes talked about, or any training scenes
+with `--reuse`) and OUT/test.jsonl (a sample of that type's questions about test scenes).
+`--min-objects` and `--max-objects` keep only scenes of that many objects, in both
+(position among distractors: `--type position --min-objects 2`). Then, as with bench/lone_objects.py:
 
     vlm-chat eval --model BUNDLE --data OUT/test.jsonl --out OUT/before
     vlm-chat train --stage instruct --model BUNDLE --data OUT/train.jsonl --out OUT/model \\

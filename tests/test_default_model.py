@@ -210,16 +210,16 @@ def _objects(corpus: Path) -> dict[str, int]:
 def _all_questions_per_scene(corpus: Path, rows: list[dict], prefix: str, kind: str = "position") -> list[str]:
     """Checks that each row is one scene's conversation of all its `kind` questions, in
     corpus order, with the id "<prefix>:<scene>"; returns the scenes' corpus names."""
-    position: dict[str, list[tuple[str, str]]] = {}
+    asked: dict[str, list[tuple[str, str]]] = {}
     for t in _rows(corpus / "triples_train.jsonl"):
         if t["type"] == kind:
-            position.setdefault(t["image"], []).append((t["question"], t["answer"]))
+            asked.setdefault(t["image"], []).append((t["question"], t["answer"]))
     names = []
     for r in rows:
         name = str(Path(r["image"]).relative_to(corpus.resolve()))
         assert r["id"] == f"{prefix}:{name}"
         turns = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(r["conversations"][::2], r["conversations"][1::2])]
-        assert turns == position[name]  # all of them, in corpus order
+        assert turns == asked[name]  # all of them, in corpus order
         names.append(name)
     return names
 

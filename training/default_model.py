@@ -375,8 +375,6 @@ SCENE_MIXES = (("instruct_images.jsonl", "scene:"), ("drill.jsonl", "drill:"), (
                ("recount.jsonl", "recount:"))
 
 
-
-
 def _mixes_before(name: str) -> tuple[tuple[str, str], ...]:
     """The entries of SCENE_MIXES written before WORK/<name>.jsonl."""
     files = [f for f, _ in SCENE_MIXES]
