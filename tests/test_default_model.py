@@ -13,7 +13,8 @@ from training.corpus import CorpusConfig, build_corpus
 from training.data import check_samples
 from training.default_model import (
     KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_consolidate,
-    write_crowd, write_drill, write_lone, write_mixes, write_recall, write_recount, write_review, write_tally,
+    write_crowd, write_drill, write_lone, write_mixes, write_recall, write_recount, write_retint, write_review, write_tally,
+    write_tint,
 )
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
@@ -159,6 +160,16 @@ def test_a_recipe_change_reruns_from_the_first_stage_that_reads_it():
     assert first_changed_stage(older, {**base, "clip_steps": 10}) == "clip"
 
 
+def test_build_help_names_every_stage_in_order(capsys):
+    from cli.main import build_parser
+    from training.default_model import STAGES
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["default", "build", "--help"])
+    listed = " ".join(capsys.readouterr().out.split()).split("one of: ")[1].split(")")[0]
+    assert listed.split(", ") == list(STAGES)
+
+
 @needs_sources
 def test_drill_asks_many_questions_about_scenes_instruct_did_not_use(corpus, tmp_path):
     recipe = replace(SMALL, drill_conversations=15, drill_turns=(3, 4))
@@ -242,7 +253,9 @@ CHAIN = replace(SMALL, instruct_conversations=10, drill_conversations=5, drill_t
                 consolidate_caption_singles=3, crowd_scenes=4,
                 recall_conversations=3, recall_turns=(5, 13), recall_crowd_replay=2, recall_caption_singles=2,
                 tally_scenes=4, recount_conversations=3, recount_turns=(5, 13), recount_tally_replay=2,
-                recount_crowd_replay=2, recount_caption_singles=2)
+                recount_crowd_replay=2, recount_caption_singles=2, tint_scenes=6, retint_conversations=2,
+                retint_turns=(5, 13), retint_tint_replay=3, retint_tally_replay=1, retint_crowd_replay=1,
+                retint_caption_singles=1)
 
 
 def _mixes_up_to_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
@@ -369,6 +382,121 @@ def test_recount_brings_every_skill_back_with_tally_and_crowd_replayed(corpus, t
     for mix in ("tally", "crowd"):
         replayed = _rows(tmp_path / f"{mix}.jsonl")
         assert all(r in replayed for r in by_kind[mix])
+
+
+@needs_sources
+def test_tint_asks_the_colour_questions_of_crowded_scenes_used_before_or_not(corpus, tmp_path):
+    _mixes_up_to_consolidate(corpus, tmp_path, CHAIN)
+    for write in (write_crowd, write_recall, write_tally, write_recount):
+        write(corpus, tmp_path, CHAIN)
+    counts = write_tint(corpus, tmp_path, CHAIN)
+    rows = _rows(tmp_path / "tint.jsonl")
+    good, problems = check_samples([tmp_path / "tint.jsonl"])
+    assert not problems and len(good) == len(rows) == counts["scenes"] == 6 and len({r["image"] for r in rows}) == 6
+    objects = _objects(corpus)
+    for name in _all_questions_per_scene(corpus, rows, "tint", kind="color"):
+        assert objects[name] >= 2
+    assert counts["questions"] == sum(len(r["conversations"]) // 2 for r in rows)
+    # Drawn from every crowded training scene with a colour question, earlier mixes' included.
+    with_colour = {t["image"] for t in _rows(corpus / "triples_train.jsonl") if t["type"] == "color"}
+    assert counts["crowded_scenes"] == len({n for n in with_colour if objects.get(n, 0) >= 2})
+    again = write_tint(corpus, tmp_path / "again", replace(CHAIN, tint_scenes=counts["crowded_scenes"]))
+    earlier = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl", "review.jsonl", "consolidate.jsonl",
+                                           "crowd.jsonl", "recall.jsonl", "tally.jsonl", "recount.jsonl")
+               for r in _rows(tmp_path / name)}
+    assert again["scenes"] == counts["crowded_scenes"] and {r["image"] for r in _rows(tmp_path / "again" / "tint.jsonl")} & earlier
+
+
+@needs_sources
+def test_retint_brings_every_skill_back_with_tint_tally_and_crowd_replayed(corpus, tmp_path):
+    _mixes_up_to_consolidate(corpus, tmp_path, CHAIN)
+    for write in (write_crowd, write_recall, write_tally, write_recount, write_tint):
+        write(corpus, tmp_path, CHAIN)
+    counts = write_retint(corpus, tmp_path, CHAIN)
+    rows = _rows(tmp_path / "retint.jsonl")
+    good, problems = check_samples([tmp_path / "retint.jsonl"])
+    assert not problems and len(good) == len(rows) == 2 + 3 + 1 + 1 + 1 + 1
+    by_kind: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kind.setdefault(r["id"].split(":")[0], []).append(r)
+    assert {k: len(v) for k, v in by_kind.items()} == {"retint": 2, "tint": 3, "tally": 1, "crowd": 1, "describe": 1,
+                                                       "text": 1}
+    assert counts["tint_replay"] == 3 and counts["tally_replay"] == counts["crowd_replay"] == 1
+    earlier = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl", "review.jsonl", "lone.jsonl",
+                                           "consolidate.jsonl", "crowd.jsonl", "recall.jsonl", "tally.jsonl",
+                                           "recount.jsonl", "tint.jsonl") for r in _rows(tmp_path / name)}
+    assert not {r["image"] for r in by_kind["retint"]} & earlier
+    for mix in ("tint", "tally", "crowd"):
+        replayed = _rows(tmp_path / f"{mix}.jsonl")
+        assert all(r in replayed for r in by_kind[mix])
+
+
+@needs_sources
+def test_from_shipped_rewrites_the_data_it_was_trained_on_and_goes_on_after_its_last_stage(corpus, tmp_path,
+                                                                                           monkeypatch):
+    from dataclasses import asdict
+
+    import training.default_model as dm
+    from vlm_chat.errors import UserFacingError
+
+    # The build that made the "shipped" model: its data files and the counts it recorded.
+    made = tmp_path / "made"
+    stages = {"corpus": {"seconds": 1, "result": {"reused": str(corpus)}}, "clip": {"seconds": 0, "result": {"reused": "clip"}},
+              "bundle": {"seconds": 1, "result": None}, "mix": {"seconds": 1, "result": write_mixes(corpus, made, CHAIN)}}
+    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
+
+    def distill(bundle, work, recipe):
+        (work / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+        return {"text_turns": 1}
+
+    stages["distill"] = {"seconds": 1, "result": distill(None, made, CHAIN)}
+    for stage in ("align", "instruct"):
+        stages[stage] = {"seconds": 60, "result": None}
+    for stage in ("drill", "review", "lone", "consolidate", "crowd", "recall", "tally", "recount"):
+        stages[stage] = {"seconds": 60, "result": dm.MIX_WRITERS[stage](corpus, made, CHAIN)}
+    stages["eval"] = stages["ship"] = {"seconds": 1, "result": None}
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "projector.safetensors").write_bytes(b"weights")
+    (shipped / "scores.json").write_text("{}")
+    record = {"recipe": asdict(CHAIN), "stages": stages, "unfinished_seconds": {}}
+    (shipped / "recipe.json").write_text(json.dumps(record))
+
+    commands = []
+
+    def cli(argv):  # only `vlm-chat build` of the untrained bundle is expected
+        commands.append(argv[0])
+        (Path(argv[argv.index("--out") + 1]) / "vlm_config.json").parent.mkdir(parents=True)
+        (Path(argv[argv.index("--out") + 1]) / "vlm_config.json").write_text("{}")
+
+    monkeypatch.setattr(dm, "distill_text_turns", distill)
+    monkeypatch.setattr(dm, "_cli", cli)
+    work = tmp_path / "work"
+    paths = dm.BuildPaths(work=work, corpus=corpus, clip="shipped", out=shipped)
+    assert dm.continue_from_shipped(paths, CHAIN, shipped) == "recount"
+    assert commands == ["build"]  # the untrained bundle only; the corpus is there
+    for name in ("align", "instruct_images", "eval_triples", "eval_captions", "drill", "review", "lone", "consolidate",
+                 "crowd", "recall", "tally", "recount"):
+        assert (work / f"{name}.jsonl").read_bytes() == (made / f"{name}.jsonl").read_bytes(), name
+    assert (work / "recount" / "projector.safetensors").read_bytes() == b"weights"
+    assert not (work / "recount" / "recipe.json").exists() and not (work / "recount" / "scores.json").exists()
+    state = json.loads((work / "state.json").read_text())
+    assert list(state["stages"]) == list(dm.STAGES[:dm.STAGES.index("recount") + 1])  # eval and ship run again
+    assert state["stages"]["crowd"] == stages["crowd"] and dm.first_inserted_stage(state["stages"]) is None
+    assert dm.continue_from_shipped(paths, CHAIN, shipped) == "recount"  # the same command again: resumes
+
+    (tmp_path / "w1").mkdir()
+    (tmp_path / "w1" / "state.json").write_text(json.dumps({"stages": {"corpus": stages["corpus"]}}))
+    with pytest.raises(UserFacingError, match="new --work"):  # another build's work dir is left alone
+        dm.continue_from_shipped(replace(paths, work=tmp_path / "w1"), CHAIN, shipped)
+    with pytest.raises(UserFacingError, match="changed at stage 'crowd'"):
+        dm.continue_from_shipped(replace(paths, work=tmp_path / "w2"), replace(CHAIN, crowd_scenes=5), shipped)
+    with pytest.raises(UserFacingError, match="--clip shipped"):
+        dm.continue_from_shipped(replace(paths, work=tmp_path / "w3", clip="train"), CHAIN, shipped)
+    stages["crowd"]["result"]["scenes"] += 1
+    (shipped / "recipe.json").write_text(json.dumps(record))
+    with pytest.raises(UserFacingError, match=r"\[crowd\] the data differ.*scenes 4 \(recorded 5\)"):
+        dm.continue_from_shipped(replace(paths, work=tmp_path / "w4"), CHAIN, shipped)
 
 
 def test_ship_copies_trained_parts_and_leaves_the_llm_a_reference(tiny_bundle, tmp_path):

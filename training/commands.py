@@ -306,7 +306,7 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
     actions.required = True
     build = actions.add_parser(
         "build",
-        help="corpus -> CLIP -> bundle -> align -> instruct -> drill -> review -> eval -> ship (resumable)",
+        help="corpus -> CLIP -> bundle -> align -> instruct -> ... -> eval -> ship (resumable)",
         description="Run the default model's recipe (training/default_model.py). Each stage's wall time goes "
         "to WORK/state.json; run the same command again after a kill and finished stages are skipped, "
         "a training stage resumes from its last checkpoint.",
@@ -316,8 +316,14 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--clip", choices=("shipped", "train"), default="train",
                        help="train the CLIP from scratch (default, about an hour) or take vlm_chat/assets/clip")
     build.add_argument("--out", help="where the finished model goes (default vlm_chat/assets/default)")
-    build.add_argument("--until", help="stop after this stage (one of: corpus, clip, bundle, mix, distill, "
-                       "align, instruct, drill, review, lone, consolidate, crowd, recall, tally, recount, eval, ship)")
+    build.add_argument("--until", help="stop after this stage (one of: corpus, clip, bundle, mix, distill, align, "
+                       "instruct, drill, review, lone, consolidate, crowd, recall, tally, recount, tint, retint, "
+                       "eval, ship)")
+    build.add_argument("--from-shipped", action="store_true",
+                       help="go on from the model in --out (as shipped, with its recipe.json) instead of from nothing: "
+                       "rewrite the data of the stages it went through (seeded, a few minutes), check them against "
+                       "its recipe.json, take it as its last training stage's output and run only the stages after "
+                       "that one (needs --clip shipped)")
     build.set_defaults(func=_default_build)
 
 
@@ -325,7 +331,7 @@ def _default_build(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from training.default_model import STAGES, BuildPaths, Recipe, build_default
+    from training.default_model import STAGES, BuildPaths, Recipe, build_default, continue_from_shipped
     from vlm_chat.defaults import SHIPPED_DEFAULT
     from vlm_chat.errors import UserFacingError
 
@@ -334,6 +340,8 @@ def _default_build(args: argparse.Namespace) -> int:
     work = Path(args.work).resolve()
     paths = BuildPaths(work=work, corpus=Path(args.corpus).resolve() if args.corpus else work / "corpus",
                        clip=args.clip, out=Path(args.out).resolve() if args.out else SHIPPED_DEFAULT)
+    if args.from_shipped:
+        continue_from_shipped(paths, Recipe(), paths.out)
     state = build_default(paths, Recipe(), until=args.until)
     print(json.dumps({stage: info["seconds"] for stage, info in state["stages"].items()}, indent=1))
     return 0
