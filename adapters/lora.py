@@ -8,6 +8,8 @@ SmolLM2 without dominating its parameter count.
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,15 @@ class LoraSettings:
             raise ConfigError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1; got {self}")
 
 
+@contextmanager
+def _quiet_peft():
+    """peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it
+    wraps a model, so every load printed a FutureWarning the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(module: nn.Module, settings: LoraSettings, quantized: bool = False) -> nn.Module:
     """Wrap `module` in a peft LoRA model; only the LoRA matrices require grad afterwards."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -47,7 +58,8 @@ def add_lora(module: nn.Module, settings: LoraSettings, quantized: bool = False)
         bias="none",
     )
     try:
-        return get_peft_model(module, config)
+        with _quiet_peft():
+            return get_peft_model(module, config)
     except ValueError as err:
         raise ConfigError(f"LoRA target modules {settings.target_modules!r} do not fit this model: {err}") from None
 
@@ -63,7 +75,8 @@ def load_lora(
     if is_lora(module):
         module.load_adapter(str(directory), adapter_name=adapter_name, is_trainable=trainable)
         return module
-    return PeftModel.from_pretrained(module, str(directory), is_trainable=trainable, adapter_name=adapter_name)
+    with _quiet_peft():
+        return PeftModel.from_pretrained(module, str(directory), is_trainable=trainable, adapter_name=adapter_name)
 
 
 def is_lora(module: nn.Module) -> bool:

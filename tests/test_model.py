@@ -212,3 +212,20 @@ def test_position_embedding_starts_as_a_no_op_and_marks_each_slot(tiny_parts, tm
     torch.testing.assert_close(loaded.get_image_features(pixel_values), after)
     with pytest.raises(ConfigError, match="position_embedding"):
         Projector(ProjectorConfig(position_embedding=True), 8, 12)  # needs the token count
+
+
+def test_lora_add_and_load_print_no_library_deprecation_warning(tiny_bundle, tmp_path):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a
+    model; `vlm-chat ask` printed that FutureWarning on every run."""
+    import warnings
+
+    from adapters.lora import LoraSettings, add_lora, load_lora
+    from vlm_chat.model import VisionLanguageModel
+
+    bundle, _, _ = tiny_bundle
+    model, _ = VisionLanguageModel.from_pretrained(bundle, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        add_lora(model.language_model, LoraSettings(r=2, alpha=4)).save_pretrained(tmp_path / "adapter")
+        fresh, _ = VisionLanguageModel.from_pretrained(bundle, device="cpu")
+        assert load_lora(fresh.language_model, tmp_path / "adapter") is not None
