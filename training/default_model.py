@@ -747,9 +747,9 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
 
 
 FINAL_STAGE = "retint"  # the training stage whose bundle is evaluated and shipped
-# The stages that train a bundle, in build order (each one's output is WORK/<stage>).
-TRAINING_STAGES = ("align", "instruct", "drill", "review", "lone", "consolidate", "crowd", "recall", "tally",
-                   "recount", "tint", "retint")
+# The stages that train a bundle, in build order (each one's output is WORK/<stage>): align
+# and instruct on the files the mix stage wrote, every later one on its own mix.
+TRAINING_STAGES = ("align", "instruct", *MIX_WRITERS)
 NOT_SHIPPED = ("checkpoints",)  # the bundle itself is the result; optimizer states stay in WORK
 
 
@@ -766,6 +766,11 @@ def ship(bundle: Path, out: Path, extra: dict[str, Path]) -> dict:
     return {"out": str(out), "megabytes": round(size / 2**20, 1)}
 
 
+def recipe_json(recipe: Recipe) -> dict:
+    """The recipe as state.json and recipe.json hold it (tuples become lists)."""
+    return json.loads(json.dumps(asdict(recipe)))
+
+
 def first_changed_stage(before: dict | None, after: dict) -> str | None:
     """The first stage (in build order) that reads a recipe field whose value changed. A
     field the earlier recipe did not have yet counts as its default, which is what the
@@ -773,7 +778,7 @@ def first_changed_stage(before: dict | None, after: dict) -> str | None:
     itself has not run, which `build_default` sees)."""
     if before is None:
         return None
-    defaults = json.loads(json.dumps(asdict(Recipe())))
+    defaults = recipe_json(Recipe())
     for stage in STAGES:
         if any(before.get(name, defaults.get(name)) != after.get(name) for name in STAGE_FIELDS[stage]):
             return stage
@@ -804,7 +809,7 @@ def continue_from_shipped(paths: BuildPaths, recipe: Recipe, shipped: Path) -> s
     if not trained:
         raise UserFacingError(f"{record_file}: no training stage recorded; rebuild from nothing instead")
     last = trained[-1]
-    changed = first_changed_stage(record.get("recipe"), json.loads(json.dumps(asdict(recipe))))
+    changed = first_changed_stage(record.get("recipe"), recipe_json(recipe))
     if changed and STAGES.index(changed) <= STAGES.index(last):
         raise UserFacingError(f"{record_file}: the recipe changed at stage '{changed}', before the shipped model's last "
                               f"stage '{last}'; rebuild from nothing (drop --from-shipped)")
@@ -855,7 +860,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
     paths.work.mkdir(parents=True, exist_ok=True)
     state_file = paths.work / "state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    wanted = json.loads(json.dumps(asdict(recipe)))
+    wanted = recipe_json(recipe)
     stages = state.setdefault("stages", {})
     partial = state.setdefault("unfinished_seconds", {})  # stages that were interrupted, time spent so far
     w = paths.work
