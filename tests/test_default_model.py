@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,9 +13,9 @@ from tests.test_corpus import needs_sources
 from training.corpus import CorpusConfig, build_corpus
 from training.data import check_samples
 from training.default_model import (
-    KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, ship, write_consolidate,
-    write_crowd, write_drill, write_lone, write_mixes, write_recall, write_recount, write_retint, write_review, write_tally,
-    write_tint,
+    KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, lookalike_turns,
+    naming_turns, ship, write_consolidate, write_crowd, write_discern, write_drill, write_lone, write_mixes, write_recall,
+    write_recount, write_retint, write_review, write_tally, write_tint,
 )
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
@@ -255,7 +256,9 @@ CHAIN = replace(SMALL, instruct_conversations=10, drill_conversations=5, drill_t
                 tally_scenes=4, recount_conversations=3, recount_turns=(5, 13), recount_tally_replay=2,
                 recount_crowd_replay=2, recount_caption_singles=2, tint_scenes=6, retint_conversations=2,
                 retint_turns=(5, 13), retint_tint_replay=3, retint_tally_replay=1, retint_crowd_replay=1,
-                retint_caption_singles=1)
+                retint_caption_singles=1, discern_naming_scenes=5, discern_lookalike_scenes=6,
+                discern_conversations=2, discern_turns=(5, 13), discern_tint_replay=2, discern_tally_replay=2,
+                discern_crowd_replay=1, discern_caption_singles=1)
 
 
 def _mixes_up_to_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
@@ -429,6 +432,88 @@ def test_retint_brings_every_skill_back_with_tint_tally_and_crowd_replayed(corpu
     for mix in ("tint", "tally", "crowd"):
         replayed = _rows(tmp_path / f"{mix}.jsonl")
         assert all(r in replayed for r in by_kind[mix])
+
+
+def test_naming_asks_what_is_in_every_occupied_cell_and_what_the_image_shows_last():
+    import random
+
+    two_kinds = {"objects": [
+        {"name": "red hexagon", "kind": "shape", "color": "red", "key": "hexagon", "count": 2,
+         "cells": ["top left", "center"]},
+        {"name": "pair of trousers", "kind": "fashion", "color": None, "key": "trouser", "count": 1,
+         "cells": ["bottom right"]}]}
+    turns = naming_turns(random.Random(0), two_kinds)
+    cells = {q.rsplit("the ", 1)[1].rstrip("?"): a for q, a in turns}
+    assert cells == {"top left": "a red hexagon", "center": "a red hexagon", "bottom right": "a pair of trousers"}
+    one_kind = {"objects": [two_kinds["objects"][0]]}
+    turns = naming_turns(random.Random(0), one_kind)
+    assert len(turns) == 3 and turns[-1][1] == "two red hexagons"
+    assert [a for _, a in turns[:2]] == ["a red hexagon"] * 2
+
+
+def test_lookalikes_are_absent_known_and_as_many_as_the_yes_questions():
+    import random
+
+    known = {"red circle": "shape", "red star": "shape", "red square": "shape", "blue circle": "shape",
+             "shirt": "fashion", "t-shirt": "fashion", "coat": "fashion", "sneaker": "fashion", "dog face": "emoji"}
+    layout = {"objects": [
+        {"name": "red circle", "kind": "shape", "color": "red", "key": "circle", "count": 1, "cells": ["center"]},
+        {"name": "red star", "kind": "shape", "color": "red", "key": "star", "count": 2, "cells": ["top left", "top right"]},
+        {"name": "t-shirt", "kind": "fashion", "color": None, "key": "T-shirt/top", "count": 1, "cells": ["bottom left"]},
+        {"name": "dog face", "kind": "emoji", "color": None, "key": "dog face", "count": 1, "cells": ["bottom right"]}]}
+    for seed in range(20):
+        turns = lookalike_turns(random.Random(seed), layout, known)
+        asked = {q.split(" a ", 1)[1].split(" in the")[0].rstrip("?"): a for q, a in turns}
+        yes = {name for name, a in asked.items() if a == "yes"}
+        no = {name for name, a in asked.items() if a == "no"}
+        assert yes == {"red circle", "red star", "t-shirt"}  # the emoji has no look-alike list
+        assert len(turns) == 6 and [a for _, a in turns].count("no") == 3
+        # Red in another shape the scene lacks ("red star" is present, "red hexagon" is
+        # never shown in training); a garment sharing no word with "t-shirt" (not "shirt").
+        assert no <= {"red square", "coat", "sneaker"} and "red square" in no
+    assert lookalike_turns(random.Random(0), {"objects": [layout["objects"][3]]}, known) == []
+
+
+@needs_sources
+def test_discern_names_objects_asks_about_lookalikes_and_keeps_every_skill(corpus, tmp_path):
+    _mixes_up_to_consolidate(corpus, tmp_path, CHAIN)
+    for write in (write_crowd, write_recall, write_tally, write_recount, write_tint, write_retint):
+        write(corpus, tmp_path, CHAIN)
+    counts = write_discern(corpus, tmp_path, CHAIN)
+    rows = _rows(tmp_path / "discern.jsonl")
+    good, problems = check_samples([tmp_path / "discern.jsonl"])
+    assert not problems and len(good) == len(rows)
+    by_kind: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kind.setdefault(r["id"].split(":")[0], []).append(r)
+    assert {k: len(v) for k, v in by_kind.items()} == {
+        "name": 5, "alike": counts["lookalike_scenes"], "discern": counts["scene_conversations"], "tint": 2, "tally": 2, "crowd": 1,
+        "describe": 1, "text": 1}
+    assert 0 < counts["lookalike_scenes"] <= 6 and counts["naming_scenes"] == 5
+    assert 0 < counts["scene_conversations"] <= 2  # the small corpus has few fresh scenes left
+    layouts = {r["image"]: r for r in _rows(corpus / "layouts_train.jsonl")}
+    named = [str(Path(r["image"]).relative_to(corpus.resolve())) for r in by_kind["name"]]
+    alike = [str(Path(r["image"]).relative_to(corpus.resolve())) for r in by_kind["alike"]]
+    assert not set(named) & set(alike)
+    for r, name in zip(by_kind["name"], named):
+        answers = [t["value"] for t in r["conversations"][1::2]]
+        placed = sum(o["count"] for o in layouts[name]["objects"])
+        assert len(answers) == placed + (len(layouts[name]["objects"]) == 1)
+    for r in by_kind["alike"]:
+        answers = [t["value"] for t in r["conversations"][1::2]]
+        assert answers.count("yes") == answers.count("no") > 0
+    assert counts["naming_questions"] == sum(len(r["conversations"]) // 2 for r in by_kind["name"])
+    earlier = {r.get("image") for name in ("instruct_images.jsonl", "drill.jsonl", "review.jsonl", "lone.jsonl",
+                                           "consolidate.jsonl", "crowd.jsonl", "recall.jsonl", "tally.jsonl",
+                                           "recount.jsonl", "tint.jsonl", "retint.jsonl") for r in _rows(tmp_path / name)}
+    assert not {r["image"] for r in by_kind["discern"]} & earlier
+    for mix in ("tint", "tally", "crowd"):
+        replayed = _rows(tmp_path / f"{mix}.jsonl")
+        assert all(r in replayed for r in by_kind[mix])
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path, again, ignore=lambda d, names: ["again", "discern.jsonl"])
+    write_discern(corpus, again, CHAIN)
+    assert (again / "discern.jsonl").read_bytes() == (tmp_path / "discern.jsonl").read_bytes()
 
 
 @needs_sources

@@ -195,7 +195,7 @@ def _absent_items(rng: random.Random, scene: Scene, vocab: Vocabulary, n: int) -
     return found
 
 
-def _ask(rng: random.Random, key: str, **fields: str) -> str:
+def ask(rng: random.Random, key: str, **fields: str) -> str:
     return rng.choice(QUESTIONS[key]).format(**fields)
 
 
@@ -219,24 +219,24 @@ def describe_scene(rng: random.Random, scene: Scene, vocab: Vocabulary, n_captio
     total = sum(g.count for g in groups)
     for g in groups:
         name = g.item.name
-        qa["count"].append((_ask(rng, "count", plural=plural(name)), str(g.count)))
+        qa["count"].append((ask(rng, "count", plural=plural(name)), str(g.count)))
         if g.item.color:
             if g.count == 1:
-                qa["color"].append((_ask(rng, "color", name=g.item.key), g.item.color))
+                qa["color"].append((ask(rng, "color", name=g.item.key), g.item.color))
             else:
-                qa["color"].append((_ask(rng, "color_many", plural=plural(g.item.key)), g.item.color))
+                qa["color"].append((ask(rng, "color_many", plural=plural(g.item.key)), g.item.color))
         if g.count == 1:
             p = g.placements[0]
-            qa["position"].append((_ask(rng, "where", name=name), CELL_NAMES[(p.row, p.col)]))
+            qa["position"].append((ask(rng, "where", name=name), CELL_NAMES[(p.row, p.col)]))
             if p.col != 1:
-                qa["position"].append((_ask(rng, "left_right", name=name), "left" if p.col == 0 else "right"))
+                qa["position"].append((ask(rng, "left_right", name=name), "left" if p.col == 0 else "right"))
             if p.row != 1:
-                qa["position"].append((_ask(rng, "top_bottom", name=name), "top" if p.row == 0 else "bottom"))
+                qa["position"].append((ask(rng, "top_bottom", name=name), "top" if p.row == 0 else "bottom"))
         for p in g.placements:
-            qa["object"].append((_ask(rng, "at", cell=CELL_NAMES[(p.row, p.col)]), article(name)))
-    qa["count"].append((_ask(rng, "count_total"), str(total)))
+            qa["object"].append((ask(rng, "at", cell=CELL_NAMES[(p.row, p.col)]), article(name)))
+    qa["count"].append((ask(rng, "count_total"), str(total)))
     if len(groups) == 1:
-        qa["object"].append((_ask(rng, "only"), counted(groups[0].item.name, groups[0].count)))
+        qa["object"].append((ask(rng, "only"), counted(groups[0].item.name, groups[0].count)))
 
     singles = [g for g in groups if g.count == 1]
     for a in singles:
@@ -248,11 +248,11 @@ def describe_scene(rng: random.Random, scene: Scene, vocab: Vocabulary, n_captio
             if pa.col != pb.col:
                 key = rng.choice(("left_of", "right_of"))
                 truth = (pa.col < pb.col) == (key == "left_of")
-                qa["relation"].append((_ask(rng, key, **names), "yes" if truth else "no"))
+                qa["relation"].append((ask(rng, key, **names), "yes" if truth else "no"))
             if pa.row != pb.row:
                 key = rng.choice(("above", "below"))
                 truth = (pa.row < pb.row) == (key == "above")
-                qa["relation"].append((_ask(rng, key, **names), "yes" if truth else "no"))
+                qa["relation"].append((ask(rng, key, **names), "yes" if truth else "no"))
     others = [(g, p) for g in groups for p in g.placements]
     for a in singles:
         pa = a.placements[0]
@@ -260,19 +260,19 @@ def describe_scene(rng: random.Random, scene: Scene, vocab: Vocabulary, n_captio
         # Only ask when every object at the smallest distance has the same name,
         # so the answer is unique.
         if dists and len({name for d, name in dists if d == dists[0][0]}) == 1:
-            qa["relation"].append((_ask(rng, "nearest", name=a.item.name), article(dists[0][1])))
+            qa["relation"].append((ask(rng, "nearest", name=a.item.name), article(dists[0][1])))
 
     absent = _absent_items(rng, scene, vocab, n=len(groups))
-    yes = [(_ask(rng, "present", a_name=article(g.item.name)), "yes") for g in groups]
-    no = [(_ask(rng, "present", a_name=article(i.name)), "no") for i in absent]
+    yes = [(ask(rng, "present", a_name=article(g.item.name)), "yes") for g in groups]
+    no = [(ask(rng, "present", a_name=article(i.name)), "no") for i in absent]
     if scene.word:
-        yes.append((_ask(rng, "text_present"), "yes"))
-        qa["read"].append((_ask(rng, "read"), scene.word))
-        qa["color"].append((_ask(rng, "color_word"), scene.word_color))
+        yes.append((ask(rng, "text_present"), "yes"))
+        qa["read"].append((ask(rng, "read"), scene.word))
+        qa["color"].append((ask(rng, "color_word"), scene.word_color))
     else:
-        no.append((_ask(rng, "text_present"), "no"))
+        no.append((ask(rng, "text_present"), "no"))
     if absent and rng.random() < 0.3:
-        qa["count"].append((_ask(rng, "count", plural=plural(absent[0].name)), "0"))
+        qa["count"].append((ask(rng, "count", plural=plural(absent[0].name)), "0"))
     # Equal yes and no, so a model that always says "yes" scores 50%.
     n = min(len(yes), len(no), 2)
     qa["yesno"] = rng.sample(yes, n) + rng.sample(no, n)
