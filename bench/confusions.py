@@ -12,6 +12,13 @@ accuracy alone. Answers are compared after the same normalisation as the eval.
 With --layouts (the corpus's layouts_*.jsonl for the split the predictions are from) it
 prints accuracy per question type by the number of objects in the scene instead: a
 type that fails even with one object fails at reading, not at searching.
+
+    python bench/confusions.py EVAL_DIR/predictions.jsonl --layouts CORPUS/layouts_test.jsonl --naming
+
+sorts the answers to "What is in the <cell>?" by the kind of object in that cell and
+what went wrong: another object of the scene (found the wrong cell), the right colour
+and the wrong shape (found the cell, could not tell the shape), the right shape in the
+wrong colour, or a thing the scene does not hold.
 """
 
 from __future__ import annotations
@@ -53,6 +60,37 @@ def by_objects(rows: list[dict], layouts: dict[str, dict]) -> dict[str, dict[int
     return {kind: {n: (right, asked) for n, (right, asked) in sorted(counts.items())} for kind, counts in table.items()}
 
 
+CELLS = ("top left", "top middle", "top right", "middle left", "center", "middle right", "bottom left",
+         "bottom middle", "bottom right")
+
+
+def naming_errors(rows: list[dict], layouts: dict[str, dict]) -> dict[str, Counter]:
+    """kind of the object asked about -> outcome -> questions, for the object questions
+    that name a cell ("What is in the top left?") on scenes in `layouts`."""
+    table: dict[str, Counter] = defaultdict(Counter)
+    for row in rows:
+        if row.get("type") != "object" or "question" not in row:
+            continue
+        layout = next((layouts[key] for key in _suffixes(row["image"]) if key in layouts), None)
+        cell = next((c for c in CELLS if row["question"].rstrip("?").endswith(f"the {c}")), None)
+        if layout is None or cell is None:
+            continue
+        truth = next(obj for obj in layout["objects"] if cell in obj["cells"])
+        said = normalize_answer(row["prediction"])
+        if row["correct"]:
+            outcome = "right"
+        elif any(said == normalize_answer(obj["name"]) for obj in layout["objects"]):
+            outcome = "another object of the scene"
+        elif truth["kind"] == "shape" and said.split()[:1] == [truth["color"]]:
+            outcome = "right colour, wrong shape"
+        elif truth["kind"] == "shape" and said.split()[-1:] == [truth["key"]]:
+            outcome = "right shape, wrong colour"
+        else:
+            outcome = "not in the scene"
+        table[truth["kind"]][outcome] += 1
+    return dict(table)
+
+
 def _suffixes(image: str) -> list[str]:
     parts = Path(image).parts
     return ["/".join(parts[i:]) for i in range(len(parts))]
@@ -68,11 +106,25 @@ def main() -> None:
     parser.add_argument("--type", default=None, help="question type to look at (default: all)")
     parser.add_argument("--min-n", type=int, default=10, help="leave out expected answers asked fewer times")
     parser.add_argument("--layouts", help="corpus layouts_<split>.jsonl: accuracy by objects in the scene instead")
+    parser.add_argument("--naming", action="store_true", help="with --layouts: what went wrong naming a cell's object")
     args = parser.parse_args()
     path = Path(args.predictions)
     rows = _read_jsonl(path)
+    if args.naming and not args.layouts:
+        parser.error("--naming needs --layouts CORPUS/layouts_<split>.jsonl")
     if args.layouts:
         layouts = {row["image"]: row for row in _read_jsonl(Path(args.layouts))}
+        if args.naming:
+            table = naming_errors(rows, layouts)
+            outcomes = ("right", "another object of the scene", "right colour, wrong shape", "right shape, wrong colour",
+                        "not in the scene")
+            print(f"{path}: object questions about a cell, by the kind of object there")
+            print("| kind | asked | " + " | ".join(outcomes) + " |")
+            print("|---|---|" + "---|" * len(outcomes))
+            for kind, counts in sorted(table.items(), key=lambda item: -sum(item[1].values())):
+                n = sum(counts.values())
+                print(f"| {kind} | {n} | " + " | ".join(f"{100 * counts[o] / n:.0f} % ({counts[o]})" for o in outcomes) + " |")
+            return
         table = by_objects(rows, layouts)
         sizes = sorted({n for counts in table.values() for n in counts})
         print(f"{path}: accuracy by objects in the scene (right / asked)")

@@ -93,3 +93,28 @@ def test_accuracy_by_objects_in_the_scene_matches_predictions_to_layouts():
         {"image": "/x.png", "caption": "c"},  # caption rows are not questions
     ]
     assert by_objects(rows, layouts) == {"position": {1: (1, 2), 3: (1, 1)}, "count": {3: (0, 1)}}
+
+
+def test_naming_errors_tell_a_wrong_cell_from_a_wrong_shape():
+    from bench.confusions import naming_errors
+
+    scene = {"objects": [
+        {"name": "red circle", "kind": "shape", "color": "red", "key": "circle", "count": 1, "cells": ["top left"]},
+        {"name": "blue star", "kind": "shape", "color": "blue", "key": "star", "count": 1, "cells": ["center"]},
+        {"name": "t-shirt", "kind": "fashion", "color": None, "key": "T-shirt/top", "count": 1, "cells": ["bottom right"]}]}
+    layouts = {"images/test/scene/000001.png": scene}
+
+    def asked(cell: str, prediction: str, correct: bool = False) -> dict:
+        return {"image": "/c/images/test/scene/000001.png", "question": f"What is in the {cell}?",
+                "prediction": prediction, "correct": correct, "type": "object"}
+
+    rows = [asked("top left", "a red circle", True), asked("top left", "a blue star"), asked("top left", "a red square"),
+            asked("center", "a green star"), asked("center", "an orange cross"), asked("bottom right", "A T-shirt."),
+            asked("bottom right", "a coat"),
+            {"image": "/c/images/test/scene/000001.png", "question": "What is shown in the image?",  # no cell: left out
+             "prediction": "x", "correct": False, "type": "object"},
+            asked("center", "2") | {"type": "count"}]
+    assert naming_errors(rows, layouts) == {
+        "shape": {"right": 1, "another object of the scene": 1, "right colour, wrong shape": 1,
+                  "right shape, wrong colour": 1, "not in the scene": 1},
+        "fashion": {"another object of the scene": 1, "not in the scene": 1}}
