@@ -118,3 +118,17 @@ def test_naming_errors_tell_a_wrong_cell_from_a_wrong_shape():
         "shape": {"right": 1, "another object of the scene": 1, "right colour, wrong shape": 1,
                   "right shape, wrong colour": 1, "not in the scene": 1},
         "fashion": {"another object of the scene": 1, "not in the scene": 1}}
+
+
+def test_clip_shapes_reads_colour_and_shape_off_single_shape_captions(tmp_path):
+    from bench.clip_shapes import shape_images
+
+    rows = [{"image": "images/test/shape/000000.png", "caption": "a flat orange hexagon icon"},
+            {"image": "images/test/shape/000000.png", "caption": "a drawing of an orange hexagon"},  # same image
+            {"image": "images/test/scene/000001.png", "caption": "a red circle and a blue star"},  # not a shape image
+            {"image": "images/test/shape/000002.png", "caption": "a shape"},  # names neither
+            {"image": "images/test/shape/000003.png", "caption": "a photo of a brown square"}]
+    (tmp_path / "captions_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert shape_images(tmp_path, "test", 10) == [(tmp_path / "images/test/shape/000000.png", "orange", "hexagon"),
+                                                  (tmp_path / "images/test/shape/000003.png", "brown", "square")]
+    assert len(shape_images(tmp_path, "test", 1)) == 1
