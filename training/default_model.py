@@ -174,9 +174,11 @@ class Recipe:
     retint_crowd_replay: int = 400
     retint_caption_singles: int = 330
     retint: dict = field(default_factory=lambda: dict(EVERY_SKILL_SETTINGS))
-    # After retint the model finds an object's cell (the colour it names there is right 82 %
-    # of the time) but not what it is: of the shapes it named in a cell, 65 % had the right
-    # colour and the wrong shape. Naming took 1 question of 13 in the every-skill mixes.
+    # After retint the model finds an object's cell but not what it is: asked what is in a
+    # cell that holds a shape, it gave the right colour and the wrong shape 61 % of the
+    # time, and 18 % right (`bench/confusions.py --naming`). Naming took 1 question of 13
+    # in the every-skill mixes. (It did not help: the CLIP cannot tell the shapes apart,
+    # `bench/clip_shapes.py`; see MODEL_CARD.md.)
     # discern teaches it in one stage, the other skills kept in view: every object of a
     # scene named by its cell, "is there ...?" about each shape or garment and about a
     # look-alike the scene lacks (same colour, other shape; another garment), with a few
