@@ -1,6 +1,6 @@
 """Can a CLIP tell the corpus's shapes apart? Zero-shot on its single-shape images.
 
-    python bench/clip_shapes.py --corpus DIR [--clip PATH_OR_HUB_ID] [--images 800]
+    python bench/clip_shapes.py --corpus DIR [--clip PATH_OR_HUB_ID] [--images 800] [--probe 3000]
 
 The corpus draws 8 shapes in 8 colours; its `images/<split>/shape/` images hold one
 shape each, and their captions name both ("a drawing of an orange hexagon"). For the
@@ -10,6 +10,12 @@ colours, the shape when the labels carry the true colour ("orange circle", "oran
 square", ...), and the full name among all 64, each next to chance. A vision tower that
 names colours but not shapes here cannot give the VLM the difference between a red
 circle and a red square, however the VLM is trained on top of it.
+
+Zero-shot asks the text tower too. `--probe N` asks the image features alone: a linear
+probe (L2-regularised logistic regression, fit with L-BFGS) on the pooled output and
+the mean patch feature of N training-split shape images, scored on the same test images.
+Far above zero-shot means the shape is in the features but not tied to its word; near
+it means the features hold little of it.
 """
 
 from __future__ import annotations
@@ -63,12 +69,46 @@ def zero_shot(clip: str | None, items: list[tuple[Path, str, str]]) -> dict[str,
     }
 
 
+def image_features(clip: str | None, items: list[tuple[Path, str, str]], batch_size: int = 256) -> torch.Tensor:
+    """(N, 2D): the vision tower's pooled output next to its mean patch feature."""
+    model, processor = load_clip(clip)
+    chunks = []
+    for start in range(0, len(items), batch_size):
+        images = [load_image(path) for path, _, _ in items[start:start + batch_size]]
+        with torch.no_grad():
+            out = model.vision_model(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
+        chunks.append(torch.cat([out.pooler_output, out.last_hidden_state[:, 1:].mean(dim=1)], dim=-1))
+    return torch.cat(chunks)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 classes: int, l2: float = 1e-3) -> tuple[float, float]:
+    """Train and test accuracy of a logistic regression on standardised features."""
+    mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    weight = torch.zeros(train_x.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=300)
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = torch.nn.functional.cross_entropy(train_x @ weight + bias, train_y) + l2 * weight.pow(2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    with torch.no_grad():
+        return tuple(((x @ weight + bias).argmax(dim=-1) == y).float().mean().item()
+                     for x, y in ((train_x, train_y), (test_x, test_y)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", required=True, help="corpus dir (`vlm-chat corpus build --out DIR`)")
     parser.add_argument("--clip", default=None, help="CLIP dir or hub id (default: the shipped CLIP)")
     parser.add_argument("--images", type=int, default=800)
     parser.add_argument("--split", default="test")
+    parser.add_argument("--probe", type=int, default=0, help="also fit a linear probe on this many training images")
     args = parser.parse_args()
     items = shape_images(Path(args.corpus), args.split, args.images)
     if not items:
@@ -79,6 +119,13 @@ def main() -> None:
     for task, accuracy in zero_shot(args.clip, items).items():
         chance = 1 / 64 if "64" in task else 1 / 8
         print(f"| {task} | {100 * accuracy:.1f} % | {100 * chance:.1f} % | {accuracy / chance:.1f}x |")
+    if args.probe:
+        fit = shape_images(Path(args.corpus), "train", args.probe)
+        labels = [torch.tensor([SHAPES.index(shape) for _, _, shape in part]) for part in (fit, items)]
+        train_acc, test_acc = linear_probe(image_features(args.clip, fit), labels[0], image_features(args.clip, items),
+                                           labels[1], len(SHAPES))
+        print(f"| shape (of 8), linear probe on image features ({len(fit)} train images) | {100 * test_acc:.1f} % "
+              f"| 12.5 % | {test_acc / 0.125:.1f}x (train {100 * train_acc:.1f} %) |")
 
 
 if __name__ == "__main__":

@@ -132,3 +132,19 @@ def test_clip_shapes_reads_colour_and_shape_off_single_shape_captions(tmp_path):
     assert shape_images(tmp_path, "test", 10) == [(tmp_path / "images/test/shape/000000.png", "orange", "hexagon"),
                                                   (tmp_path / "images/test/shape/000003.png", "brown", "square")]
     assert len(shape_images(tmp_path, "test", 1)) == 1
+
+
+def test_shape_probe_finds_a_separable_class_and_not_a_random_one():
+    import torch
+
+    from bench.clip_shapes import linear_probe
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (400,), generator=generator)
+    centres = torch.randn(4, 16, generator=generator) * 3
+    features = centres[labels] + torch.randn(400, 16, generator=generator)
+    _, separable = linear_probe(features[:300], labels[:300], features[300:], labels[300:], classes=4)
+    assert separable > 0.95
+    noise = torch.randn(400, 16, generator=generator)
+    _, random = linear_probe(noise[:300], labels[:300], noise[300:], labels[300:], classes=4)
+    assert random < 0.45
