@@ -47,8 +47,7 @@ def shape_images(corpus: Path, split: str, limit: int) -> list[tuple[Path, str, 
     return [(corpus / name, colour, shape) for name, (colour, shape) in found.items()]
 
 
-def zero_shot(clip: str | None, items: list[tuple[Path, str, str]]) -> dict[str, float]:
-    model, processor = load_clip(clip)
+def zero_shot(model, processor, items: list[tuple[Path, str, str]]) -> dict[str, float]:
     with torch.no_grad():
         images = encode_images(model, processor, [load_image(path) for path, _, _ in items])  # (N, D)
         shapes = class_embeddings(model, processor, list(SHAPES))  # (8, D)
@@ -69,9 +68,8 @@ def zero_shot(clip: str | None, items: list[tuple[Path, str, str]]) -> dict[str,
     }
 
 
-def image_features(clip: str | None, items: list[tuple[Path, str, str]], batch_size: int = 256) -> torch.Tensor:
+def image_features(model, processor, items: list[tuple[Path, str, str]], batch_size: int = 256) -> torch.Tensor:
     """(N, 2D): the vision tower's pooled output next to its mean patch feature."""
-    model, processor = load_clip(clip)
     chunks = []
     for start in range(0, len(items), batch_size):
         images = [load_image(path) for path, _, _ in items[start:start + batch_size]]
@@ -116,14 +114,15 @@ def main() -> None:
     print(f"zero-shot on {len(items)} single-shape {args.split} images, CLIP {args.clip or 'shipped'}")
     print("| task | top-1 | chance | vs chance |")
     print("|---|---|---|---|")
-    for task, accuracy in zero_shot(args.clip, items).items():
+    model, processor = load_clip(args.clip)
+    for task, accuracy in zero_shot(model, processor, items).items():
         chance = 1 / 64 if "64" in task else 1 / 8
         print(f"| {task} | {100 * accuracy:.1f} % | {100 * chance:.1f} % | {accuracy / chance:.1f}x |")
     if args.probe:
         fit = shape_images(Path(args.corpus), "train", args.probe)
         labels = [torch.tensor([SHAPES.index(shape) for _, _, shape in part]) for part in (fit, items)]
-        train_acc, test_acc = linear_probe(image_features(args.clip, fit), labels[0], image_features(args.clip, items),
-                                           labels[1], len(SHAPES))
+        train_acc, test_acc = linear_probe(image_features(model, processor, fit), labels[0],
+                                           image_features(model, processor, items), labels[1], len(SHAPES))
         print(f"| shape (of 8), linear probe on image features ({len(fit)} train images) | {100 * test_acc:.1f} % "
               f"| 12.5 % | {test_acc / 0.125:.1f}x (train {100 * train_acc:.1f} %) |")
 

@@ -28,6 +28,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from training.corpus.scenes import CELL_NAMES
 from training.evaluate import normalize_answer
 
 
@@ -60,19 +61,19 @@ def by_objects(rows: list[dict], layouts: dict[str, dict]) -> dict[str, dict[int
     return {kind: {n: (right, asked) for n, (right, asked) in sorted(counts.items())} for kind, counts in table.items()}
 
 
-CELLS = ("top left", "top middle", "top right", "middle left", "center", "middle right", "bottom left",
-         "bottom middle", "bottom right")
+OUTCOMES = ("right", "another object of the scene", "right colour, wrong shape", "right shape, wrong colour",
+            "not in the scene")
 
 
 def naming_errors(rows: list[dict], layouts: dict[str, dict]) -> dict[str, Counter]:
-    """kind of the object asked about -> outcome -> questions, for the object questions
+    """kind of the object asked about -> outcome (one of OUTCOMES) -> questions, for the object questions
     that name a cell ("What is in the top left?") on scenes in `layouts`."""
     table: dict[str, Counter] = defaultdict(Counter)
     for row in rows:
         if row.get("type") != "object" or "question" not in row:
             continue
         layout = next((layouts[key] for key in _suffixes(row["image"]) if key in layouts), None)
-        cell = next((c for c in CELLS if row["question"].rstrip("?").endswith(f"the {c}")), None)
+        cell = next((c for c in CELL_NAMES.values() if row["question"].rstrip("?").endswith(f"the {c}")), None)
         if layout is None or cell is None:
             continue
         truth = next(obj for obj in layout["objects"] if cell in obj["cells"])
@@ -116,14 +117,12 @@ def main() -> None:
         layouts = {row["image"]: row for row in _read_jsonl(Path(args.layouts))}
         if args.naming:
             table = naming_errors(rows, layouts)
-            outcomes = ("right", "another object of the scene", "right colour, wrong shape", "right shape, wrong colour",
-                        "not in the scene")
             print(f"{path}: object questions about a cell, by the kind of object there")
-            print("| kind | asked | " + " | ".join(outcomes) + " |")
-            print("|---|---|" + "---|" * len(outcomes))
+            print("| kind | asked | " + " | ".join(OUTCOMES) + " |")
+            print("|---|---|" + "---|" * len(OUTCOMES))
             for kind, counts in sorted(table.items(), key=lambda item: -sum(item[1].values())):
                 n = sum(counts.values())
-                print(f"| {kind} | {n} | " + " | ".join(f"{100 * counts[o] / n:.0f} % ({counts[o]})" for o in outcomes) + " |")
+                print(f"| {kind} | {n} | " + " | ".join(f"{100 * counts[o] / n:.0f} % ({counts[o]})" for o in OUTCOMES) + " |")
             return
         table = by_objects(rows, layouts)
         sizes = sorted({n for counts in table.values() for n in counts})

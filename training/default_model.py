@@ -524,7 +524,7 @@ def write_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
     position questions of other such scenes of 2-6 objects, a replay of the lone mix,
     single-image captions and the text turns, shuffled."""
 
-    def placing(rng: random.Random, taken: set[str], image) -> list[dict]:
+    def placing(rng: random.Random, taken: set[str], image) -> tuple[list[dict], dict]:
         crowded = scenes_of(corpus, "train", range(2, 100)) - taken
         rows = one_skill_conversations(rng, "place", questions_of(corpus, "train", "position", crowded),
                                        recipe.consolidate_position_scenes, image)
