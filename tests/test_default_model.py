@@ -13,9 +13,10 @@ from tests.test_corpus import needs_sources
 from training.corpus import CorpusConfig, build_corpus
 from training.data import check_samples
 from training.default_model import (
-    KNOWLEDGE_CHECK, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, lookalike_turns,
-    naming_turns, ship, write_consolidate, write_crowd, write_discern, write_drill, write_lone, write_mixes, write_recall,
-    write_recount, write_retint, write_review, write_tally, write_tint,
+    KNOWLEDGE_CHECK, SHIPPED_CLIP, BuildPaths, Recipe, build_default, bundle_with_tower, clip_with_tower, distill_prompts,
+    distill_text_turns, lookalike_turns, naming_turns, ship, write_consolidate, write_crowd, write_discern, write_drill,
+    write_lone, write_mixes, write_recall, write_recount, write_resight, write_retint, write_review, write_sharpen,
+    write_tally, write_tint,
 )
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
@@ -258,7 +259,9 @@ CHAIN = replace(SMALL, instruct_conversations=10, drill_conversations=5, drill_t
                 retint_turns=(5, 13), retint_tint_replay=3, retint_tally_replay=1, retint_crowd_replay=1,
                 retint_caption_singles=1, discern_naming_scenes=5, discern_lookalike_scenes=6,
                 discern_conversations=2, discern_turns=(5, 13), discern_tint_replay=2, discern_tally_replay=2,
-                discern_crowd_replay=1, discern_caption_singles=1)
+                discern_crowd_replay=1, discern_caption_singles=1, resight_naming_scenes=4, resight_lookalike_scenes=5,
+                resight_conversations=2, resight_turns=(5, 13), resight_tint_replay=1, resight_tally_replay=1,
+                resight_crowd_replay=1, resight_discern_replay=3, resight_caption_singles=1, sharpen_other_captions=40)
 
 
 def _mixes_up_to_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
@@ -514,6 +517,92 @@ def test_discern_names_objects_asks_about_lookalikes_and_keeps_every_skill(corpu
     shutil.copytree(tmp_path, again, ignore=lambda d, names: ["again", "discern.jsonl"])
     write_discern(corpus, again, CHAIN)
     assert (again / "discern.jsonl").read_bytes() == (tmp_path / "discern.jsonl").read_bytes()
+
+
+@needs_sources
+def test_resight_tells_objects_apart_again_on_fresh_scenes_with_discern_replayed(corpus, tmp_path):
+    _mixes_up_to_consolidate(corpus, tmp_path, CHAIN)
+    for write in (write_crowd, write_recall, write_tally, write_recount, write_tint, write_retint, write_discern):
+        write(corpus, tmp_path, CHAIN)
+    counts = write_resight(corpus, tmp_path, CHAIN)
+    rows = _rows(tmp_path / "resight.jsonl")
+    good, problems = check_samples([tmp_path / "resight.jsonl"])
+    assert not problems and len(good) == len(rows)
+    kinds: dict[str, int] = {}
+    for r in rows:
+        kinds[r["id"].split(":")[0]] = kinds.get(r["id"].split(":")[0], 0) + 1
+    # discern's rows come back, but not its text turns and captions, nor a row twice (check_samples: no id twice)
+    replayed = [r for r in rows if r["id"].split(":")[0] in ("name", "alike", "discern")]
+    assert counts["discern_replay"] == 3 and 0 < len(replayed) <= 3
+    assert all(r in _rows(tmp_path / "discern.jsonl") for r in replayed)
+    assert kinds["text"] == counts["text_turns"] == 1 and kinds["describe"] == counts["caption_singles"] == 1
+    assert len(rows) == sum(counts[k] for k in ("scene_conversations", "naming_scenes", "lookalike_scenes", "tint_replay",
+                                               "tally_replay", "crowd_replay", "discern_replay", "caption_singles",
+                                               "text_turns"))
+    assert kinds["resight-name"] == counts["naming_scenes"] == 4 and kinds["resight-alike"] == counts["lookalike_scenes"]
+    assert counts["tint_replay"] == counts["tally_replay"] == counts["crowd_replay"] == 1
+    # Its own fresh scenes are none that discern or any earlier mix asked about.
+    earlier = {r.get("image") for name in ("instruct_images", "drill", "review", "lone", "consolidate", "crowd", "recall",
+                                           "tally", "recount", "tint", "retint", "discern") for r in _rows(tmp_path / f"{name}.jsonl")}
+    own = [r for r in rows if r["id"].startswith("resight:")]
+    assert len(own) == counts["scene_conversations"] and not {r["image"] for r in own} & earlier
+    # Another seed than discern's: not the same naming scenes.
+    assert {r["image"] for r in rows if r["id"].startswith("resight-name:")} != {
+        r["image"] for r in _rows(tmp_path / "discern.jsonl") if r["id"].startswith("name:")}
+
+
+@needs_sources
+def test_sharpen_captions_hold_every_single_shape_caption_and_as_many_others(corpus, tmp_path):
+    counts = write_sharpen(corpus, tmp_path, CHAIN)
+    rows = _rows(tmp_path / "sharpen.jsonl")
+    train = _rows(corpus / "captions_train.jsonl")
+    shapes = [r for r in train if "/shape/" in r["image"]]
+    assert counts == {"shape_captions": len(shapes), "other_captions": 40} and len(rows) == len(shapes) + 40
+    assert all(Path(r["image"]).is_absolute() and Path(r["image"]).is_file() for r in rows)
+    as_read = {(str(corpus.resolve() / r["image"]), r["caption"]) for r in train}
+    assert {(r["image"], r["caption"]) for r in rows} <= as_read
+    assert sum("/shape/" in r["image"] for r in rows) == len(shapes)
+    assert [r["image"] for r in rows[:len(shapes)]] != [str(corpus.resolve() / r["image"]) for r in shapes]  # shuffled
+    first = (tmp_path / "sharpen.jsonl").read_bytes()
+    write_sharpen(corpus, tmp_path, CHAIN)
+    assert (tmp_path / "sharpen.jsonl").read_bytes() == first
+
+
+def test_a_bundles_vision_tower_goes_into_a_clip_and_back(tiny_parts, tiny_bundle, tmp_path):
+    import torch
+    from transformers import AutoProcessor, CLIPModel
+
+    from tests.conftest import make_vision_dir
+    from vlm_chat.model import VisionLanguageModel
+
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_parts["clip_full"], clip)
+    AutoProcessor.from_pretrained(SHIPPED_CLIP).save_pretrained(clip)  # the processor the CLIP trainer reads
+    tower = make_vision_dir(tmp_path / "tuned-tower", seed=7)  # as a bundle's trained vision/ holds it
+    clip_with_tower(clip, tower, tmp_path / "joined")
+    joined, original = CLIPModel.from_pretrained(tmp_path / "joined"), CLIPModel.from_pretrained(clip)
+    tuned = CLIPModel.from_pretrained(clip)
+    from transformers import CLIPVisionModel
+    source = CLIPVisionModel.from_pretrained(tower)
+    tuned.vision_model.load_state_dict(getattr(source, "vision_model", source).state_dict())
+    for name, weight in joined.state_dict().items():
+        expected = (tuned if name.startswith("vision_model.") else original).state_dict()[name]
+        assert torch.equal(weight, expected), name
+    assert not torch.equal(joined.vision_model.embeddings.patch_embedding.weight,
+                           original.vision_model.embeddings.patch_embedding.weight)
+    assert (tmp_path / "joined" / "processor_config.json").is_file()
+
+    bundle, _, _ = tiny_bundle
+    (bundle / "checkpoints").mkdir(exist_ok=True)
+    bundle_with_tower(bundle, tmp_path / "joined", tmp_path / "swapped")
+    assert not (tmp_path / "swapped" / "checkpoints").exists()
+    assert json.loads((tmp_path / "swapped" / "vlm_config.json").read_text())["vision"]["name_or_path"] == "vision"
+    assert (tmp_path / "swapped" / "projector.safetensors").read_bytes() == (bundle / "projector.safetensors").read_bytes()
+    model, _ = VisionLanguageModel.from_pretrained(tmp_path / "swapped", device="cpu")
+    loaded = model.vision_tower.model
+    loaded = getattr(loaded, "vision_model", loaded)
+    for name, weight in joined.vision_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], weight), name
 
 
 @needs_sources
