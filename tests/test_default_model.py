@@ -13,10 +13,9 @@ from tests.test_corpus import needs_sources
 from training.corpus import CorpusConfig, build_corpus
 from training.data import check_samples
 from training.default_model import (
-    KNOWLEDGE_CHECK, SHIPPED_CLIP, BuildPaths, Recipe, build_default, bundle_with_tower, clip_with_tower, distill_prompts,
-    distill_text_turns, lookalike_turns, naming_turns, ship, write_consolidate, write_crowd, write_discern, write_drill,
-    write_lone, write_mixes, write_recall, write_recount, write_resight, write_retint, write_review, write_sharpen,
-    write_tally, write_tint,
+    KNOWLEDGE_CHECK, SHIPPED_CLIP, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, lookalike_turns,
+    naming_turns, ship, write_consolidate, write_crowd, write_discern, write_drill, write_lone, write_mixes, write_recall,
+    write_recount, write_retint, write_review, write_tally, write_tint,
 )
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
@@ -259,9 +258,7 @@ CHAIN = replace(SMALL, instruct_conversations=10, drill_conversations=5, drill_t
                 retint_turns=(5, 13), retint_tint_replay=3, retint_tally_replay=1, retint_crowd_replay=1,
                 retint_caption_singles=1, discern_naming_scenes=5, discern_lookalike_scenes=6,
                 discern_conversations=2, discern_turns=(5, 13), discern_tint_replay=2, discern_tally_replay=2,
-                discern_crowd_replay=1, discern_caption_singles=1, resight_naming_scenes=4, resight_lookalike_scenes=5,
-                resight_conversations=2, resight_turns=(5, 13), resight_tint_replay=1, resight_tally_replay=1,
-                resight_crowd_replay=1, resight_discern_replay=3, resight_caption_singles=1, sharpen_other_captions=40)
+                discern_crowd_replay=1, discern_caption_singles=1)
 
 
 def _mixes_up_to_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
@@ -521,10 +518,13 @@ def test_discern_names_objects_asks_about_lookalikes_and_keeps_every_skill(corpu
 
 @needs_sources
 def test_resight_tells_objects_apart_again_on_fresh_scenes_with_discern_replayed(corpus, tmp_path):
+    from bench.resight import write_resight
+
     _mixes_up_to_consolidate(corpus, tmp_path, CHAIN)
     for write in (write_crowd, write_recall, write_tally, write_recount, write_tint, write_retint, write_discern):
         write(corpus, tmp_path, CHAIN)
-    counts = write_resight(corpus, tmp_path, CHAIN)
+    counts = write_resight(corpus, tmp_path, seed=0, naming_scenes=4, lookalike_scenes=5, conversations=2,
+                           replays=(("tint", 1), ("tally", 1), ("crowd", 1), ("discern", 3)), caption_singles=1)
     rows = _rows(tmp_path / "resight.jsonl")
     good, problems = check_samples([tmp_path / "resight.jsonl"])
     assert not problems and len(good) == len(rows)
@@ -553,7 +553,9 @@ def test_resight_tells_objects_apart_again_on_fresh_scenes_with_discern_replayed
 
 @needs_sources
 def test_sharpen_captions_hold_every_single_shape_caption_and_as_many_others(corpus, tmp_path):
-    counts = write_sharpen(corpus, tmp_path, CHAIN)
+    from bench.resight import write_sharpen
+
+    counts = write_sharpen(corpus, tmp_path / "sharpen.jsonl", 40, seed=0)
     rows = _rows(tmp_path / "sharpen.jsonl")
     train = _rows(corpus / "captions_train.jsonl")
     shapes = [r for r in train if "/shape/" in r["image"]]
@@ -564,7 +566,7 @@ def test_sharpen_captions_hold_every_single_shape_caption_and_as_many_others(cor
     assert sum("/shape/" in r["image"] for r in rows) == len(shapes)
     assert [r["image"] for r in rows[:len(shapes)]] != [str(corpus.resolve() / r["image"]) for r in shapes]  # shuffled
     first = (tmp_path / "sharpen.jsonl").read_bytes()
-    write_sharpen(corpus, tmp_path, CHAIN)
+    write_sharpen(corpus, tmp_path / "sharpen.jsonl", 40, seed=0)
     assert (tmp_path / "sharpen.jsonl").read_bytes() == first
 
 
@@ -572,6 +574,7 @@ def test_a_bundles_vision_tower_goes_into_a_clip_and_back(tiny_parts, tiny_bundl
     import torch
     from transformers import AutoProcessor, CLIPModel
 
+    from bench.resight import bundle_with_tower, clip_with_tower
     from tests.conftest import make_vision_dir
     from vlm_chat.model import VisionLanguageModel
 

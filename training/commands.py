@@ -318,7 +318,7 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--out", help="where the finished model goes (default vlm_chat/assets/default)")
     build.add_argument("--until", help="stop after this stage (one of: corpus, clip, bundle, mix, distill, align, "
                        "instruct, drill, review, lone, consolidate, crowd, recall, tally, recount, tint, retint, discern, "
-                       "sharpen, resight, eval, ship)")
+                       "eval, ship)")
     build.add_argument("--from-shipped", action="store_true",
                        help="go on from the model in --out (as shipped, with its recipe.json) instead of from nothing: "
                        "rewrite the data of the stages it went through (seeded, a few minutes), check them against "

@@ -61,7 +61,7 @@ from training.data import IMAGE
 from vlm_chat.errors import UserFacingError
 
 STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "review", "lone", "consolidate",
-          "crowd", "recall", "tally", "recount", "tint", "retint", "discern", "sharpen", "resight", "eval", "ship")
+          "crowd", "recall", "tally", "recount", "tint", "retint", "discern", "eval", "ship")
 SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "vlm_chat" / "assets" / "clip"
 
 
@@ -193,26 +193,6 @@ class Recipe:
     discern_crowd_replay: int = 400
     discern_caption_singles: int = 200
     discern: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
-    # It did not: the vision tower itself told shapes apart little better after discern
-    # (a linear probe on its features 58 %, 61 % before any VLM training). In the CLIP's
-    # batches of 128 random captions, a red circle and a red square seldom meet, so
-    # colour alone matched its pairs. sharpen goes on training the VLM's own vision tower
-    # contrastively, next to the CLIP's text tower, on batches half of single shapes;
-    # resight then teaches the VLM with that tower, on the discern mix's kinds of rows.
-    sharpen_other_captions: int = 12800  # drawn from the training captions, beside the 12,800 shape ones
-    sharpen_steps: int = 300  # of 128 captions
-    sharpen_lr: float = 1e-4
-    resight_naming_scenes: int = 2000
-    resight_lookalike_scenes: int = 1000
-    resight_conversations: int = 400
-    resight_turns: tuple[int, int] = (8, 13)
-    resight_describe_share: float = 0.1
-    resight_tint_replay: int = 200
-    resight_tally_replay: int = 300
-    resight_crowd_replay: int = 200
-    resight_discern_replay: int = 300
-    resight_caption_singles: int = 200
-    resight: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
     eval_questions: int = 3000
     eval_caption_images: int = 400
     eval_batch_size: int = 32
@@ -245,10 +225,6 @@ STAGE_FIELDS = {
     "discern": ("seed", "discern_naming_scenes", "discern_lookalike_scenes", "discern_conversations", "discern_turns",
                 "discern_describe_share", "discern_tint_replay", "discern_tally_replay", "discern_crowd_replay",
                 "discern_caption_singles", "discern"),
-    "sharpen": ("seed", "sharpen_other_captions", "sharpen_steps", "sharpen_lr"),
-    "resight": ("seed", "resight_naming_scenes", "resight_lookalike_scenes", "resight_conversations", "resight_turns",
-                "resight_describe_share", "resight_tint_replay", "resight_tally_replay", "resight_crowd_replay",
-                "resight_discern_replay", "resight_caption_singles", "resight"),
     "eval": ("eval_batch_size",),
     "ship": (),
 }
@@ -654,14 +630,14 @@ def lookalike_turns(rng: random.Random, layout: dict, known: dict[str, str]) -> 
     return turns
 
 
-def _write_telling_mix(corpus: Path, work: Path, name: str, seed: int, naming_scenes: int, lookalike_scenes: int,
-                       conversations: int, turns: tuple[int, int], describe_share: float,
+def _write_telling_mix(corpus: Path, work: Path, name: str, seed: int, used: set[str], naming_scenes: int,
+                       lookalike_scenes: int, conversations: int, turns: tuple[int, int], describe_share: float,
                        replays: tuple[tuple[str, int], ...], caption_singles: int, ids: str = "") -> dict:
     """WORK/<name>.jsonl: what each object is, kept apart from what it looks like. Every
     object of `naming_scenes` training scenes named by its cell, yes/no questions about
     the shapes and garments of `lookalike_scenes` other ones and about look-alikes they
-    lack (both drawn from every training scene, used before or not, as tint's were), fresh
-    scenes with (nearly) all their questions, the `replays`, single-image captions and the
+    lack (both drawn from every training scene, used before or not, as tint's were), scenes
+    outside `used` with (nearly) all their questions, the `replays`, single-image captions and the
     text turns, shuffled. The naming and look-alike rows' ids start with `ids`, which keeps
     them apart from an earlier telling mix's rows replayed here about the same scene."""
     layouts = layouts_of(corpus, "train")
@@ -675,81 +651,22 @@ def _write_telling_mix(corpus: Path, work: Path, name: str, seed: int, naming_sc
         return naming + lookalike, {"naming_scenes": len(naming), "naming_questions": _questions(naming),
                                     "lookalike_scenes": len(lookalike), "lookalike_questions": _questions(lookalike)}
 
-    return _write_every_skill_mix(corpus, work, name, random.Random(seed), _used_scenes(work, _mixes_before(name)),
-                                  conversations, turns, describe_share, replays, caption_singles, more=telling)
+    return _write_every_skill_mix(corpus, work, name, random.Random(seed), used, conversations, turns, describe_share, replays, caption_singles, more=telling)
 
 
 def write_discern(corpus: Path, work: Path, recipe: Recipe) -> dict:
     """discern.jsonl: the telling mix after retint, with the tint, tally and crowd mixes replayed."""
     return _write_telling_mix(
-        corpus, work, "discern", recipe.seed + 71, recipe.discern_naming_scenes, recipe.discern_lookalike_scenes,
+        corpus, work, "discern", recipe.seed + 71, _used_scenes(work, _mixes_before("discern")), recipe.discern_naming_scenes, recipe.discern_lookalike_scenes,
         recipe.discern_conversations, recipe.discern_turns, recipe.discern_describe_share,
         (("tint", recipe.discern_tint_replay), ("tally", recipe.discern_tally_replay),
          ("crowd", recipe.discern_crowd_replay)), recipe.discern_caption_singles)
 
 
-def write_resight(corpus: Path, work: Path, recipe: Recipe) -> dict:
-    """resight.jsonl: the telling mix again for the sharpened vision tower, with other
-    scenes, and the discern mix replayed besides the tint, tally and crowd ones."""
-    return _write_telling_mix(
-        corpus, work, "resight", recipe.seed + 91, recipe.resight_naming_scenes, recipe.resight_lookalike_scenes,
-        recipe.resight_conversations, recipe.resight_turns, recipe.resight_describe_share,
-        (("tint", recipe.resight_tint_replay), ("tally", recipe.resight_tally_replay),
-         ("crowd", recipe.resight_crowd_replay), ("discern", recipe.resight_discern_replay)),
-        recipe.resight_caption_singles, ids="resight-")
-
-
-# -- sharpen: the VLM's own vision tower taught shapes, contrastively ----------------------
-
-
-def write_sharpen(corpus: Path, work: Path, recipe: Recipe) -> dict:
-    """sharpen.jsonl: every caption of the corpus's single-shape training images and as
-    many others drawn from the rest of its training captions, shuffled. Half of each batch
-    of 128 is shapes in the 8 colours, so colour alone cannot tell its pairs apart."""
-    rows = _read_jsonl(corpus / "captions_train.jsonl")
-    shapes = [r for r in rows if "/shape/" in f"/{r['image']}"]
-    rest = [r for r in rows if "/shape/" not in f"/{r['image']}"]
-    rng = random.Random(recipe.seed)
-    mixed = shapes + rng.sample(rest, min(recipe.sharpen_other_captions, len(rest)))
-    rng.shuffle(mixed)
-    root = corpus.resolve()
-    _write_jsonl(work / "sharpen.jsonl", [{"image": str(root / r["image"]), "caption": r["caption"]} for r in mixed])
-    return {"shape_captions": len(shapes), "other_captions": len(mixed) - len(shapes)}
-
-
-def clip_with_tower(clip: Path, vision: Path, out: Path) -> None:
-    """A CLIP dir: the text tower and projections of `clip`, the vision tower saved in `vision`
-    (a bundle's vision/, which training moved away from the text tower)."""
-    from transformers import AutoProcessor, CLIPModel, CLIPVisionModel
-
-    model = CLIPModel.from_pretrained(clip)
-    tower = CLIPVisionModel.from_pretrained(vision)
-    model.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())  # transformers 5 dropped the wrapper
-    model.save_pretrained(out)
-    AutoProcessor.from_pretrained(clip).save_pretrained(out)
-
-
-def bundle_with_tower(bundle: Path, clip: Path, out: Path) -> None:
-    """A copy of `bundle` (without its checkpoints) whose vision tower is the one of the CLIP dir `clip`."""
-    from transformers import CLIPVisionModel
-
-    from vlm_chat.config import VLMConfig
-
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(bundle, out, ignore=shutil.ignore_patterns(*NOT_SHIPPED))
-    if (out / "vision").exists():
-        shutil.rmtree(out / "vision")
-    CLIPVisionModel.from_pretrained(clip).save_pretrained(out / "vision")
-    config = VLMConfig.load(out)
-    config.vision.name_or_path = "vision"
-    config.save(out)
-
-
 # The stages that write their own data file before they train, in build order.
 MIX_WRITERS = {"drill": write_drill, "review": write_review, "lone": write_lone, "consolidate": write_consolidate,
                "crowd": write_crowd, "recall": write_recall, "tally": write_tally, "recount": write_recount,
-               "tint": write_tint, "retint": write_retint, "discern": write_discern, "resight": write_resight}
+               "tint": write_tint, "retint": write_retint, "discern": write_discern}
 # Every mix of the build that talks about training scenes, in build order, as (file in
 # WORK, id prefix of its scene conversations): a later mix takes scenes none before used.
 SCENE_MIXES = (("instruct_images.jsonl", "scene:"),
@@ -757,7 +674,6 @@ SCENE_MIXES = (("instruct_images.jsonl", "scene:"),
                  for prefix in (f"{stage}:", *(("place:",) if stage == "consolidate" else ()))))
 # What each stage writes into WORK, deleted when the stage must run again.
 STAGE_OUTPUTS = {"align": ("align",), "instruct": ("instruct",), **{stage: (stage, f"{stage}.jsonl") for stage in MIX_WRITERS},
-                 "sharpen": ("sharpen", "sharpen.jsonl", "sharpen_init"), "resight": ("resight", "resight.jsonl", "resight_init"),
                  "eval": ("eval",)}
 
 
@@ -918,13 +834,6 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
         # each stage with its own mix goes on from the bundle the training stage before it left
         **{stage: train("instruct", stage, after=before, settings=getattr(recipe, stage))
            for before, stage in zip(TRAINING_STAGES[1:], TRAINING_STAGES[2:])},
-        "sharpen": [
-            "train", "--stage", "clip", "--init", str(w / "sharpen_init"), "--data", str(w / "sharpen.jsonl"),
-            "--out", str(w / "sharpen"), "--batch-size", "128", "--max-steps", str(recipe.sharpen_steps),
-            "--lr", str(recipe.sharpen_lr), "--warmup", str(recipe.sharpen_steps // 20), "--weight-decay", "0.1",
-            "--eval-every", "0", "--save-every-minutes", "5", "--log-every", "10", "--seed", str(recipe.seed), "--resume",
-        ],
-        "resight": train("instruct", "resight", after="resight_init", settings=recipe.resight),
         "eval": [
             "eval", "--model", str(w / FINAL_STAGE), "--data", str(w / "eval_triples.jsonl"), str(w / "eval_captions.jsonl"),
             "--batch-size", str(recipe.eval_batch_size), "--out", str(w / "eval"),
@@ -932,7 +841,7 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
     }
 
 
-FINAL_STAGE = "resight"  # the training stage whose bundle is evaluated and shipped
+FINAL_STAGE = "discern"  # the training stage whose bundle is evaluated and shipped
 # The stages that train a bundle, in build order (each one's output is WORK/<stage>): align
 # and instruct on the files the mix stage wrote, every later one on its own mix.
 TRAINING_STAGES = ("align", "instruct", *MIX_WRITERS)
@@ -1100,13 +1009,6 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         (w / "eval" / "knowledge.json").write_text(json.dumps(result, indent=1))
         return {k: f"{v['hits']}/{v['n']}" for k, v in result.items()}
 
-    def sharpen():
-        written = write_sharpen(paths.corpus, w, recipe)
-        if not (w / "sharpen_init" / "config.json").is_file():
-            clip_with_tower(paths.clip_dir, w / "discern" / "vision", w / "sharpen_init")
-        _cli(commands["sharpen"])
-        return written
-
     runners = {
         "corpus": corpus,
         "clip": clip,
@@ -1116,9 +1018,6 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         "align": lambda: _cli(commands["align"]),
         "instruct": lambda: _cli(commands["instruct"]),
         **{stage: mix_then_train(stage, write) for stage, write in MIX_WRITERS.items()},
-        "sharpen": sharpen,
-        "resight": lambda: (bundle_with_tower(w / "discern", w / "sharpen" / "final", w / "resight_init"),
-                            mix_then_train("resight", write_resight)())[1],
         "eval": evaluate,
         "ship": lambda: ship(w / FINAL_STAGE, paths.out, {
             "recipe.json": state_file, "scores.json": w / "eval" / "scores.json", "knowledge.json": w / "eval" / "knowledge.json",
