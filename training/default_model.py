@@ -408,8 +408,6 @@ def _write_fresh_scene_mix(
             "caption_singles": len(rows) - scenes, "text_turns": len(text), "fresh_scenes": len(fresh)}
 
 
-
-
 def _mixes_before(name: str) -> tuple[tuple[str, str], ...]:
     """The entries of SCENE_MIXES written before WORK/<name>.jsonl."""
     files = [f for f, _ in SCENE_MIXES]
@@ -637,8 +635,8 @@ def _write_telling_mix(corpus: Path, work: Path, name: str, seed: int, used: set
     object of `naming_scenes` training scenes named by its cell, yes/no questions about
     the shapes and garments of `lookalike_scenes` other ones and about look-alikes they
     lack (both drawn from every training scene, used before or not, as tint's were), scenes
-    outside `used` with (nearly) all their questions, the `replays`, single-image captions and the
-    text turns, shuffled. The naming and look-alike rows' ids start with `ids`, which keeps
+    outside `used` with (nearly) all their questions, the `replays`, single-image captions
+    and the text turns, shuffled. The naming and look-alike rows' ids start with `ids`, which keeps
     them apart from an earlier telling mix's rows replayed here about the same scene."""
     layouts = layouts_of(corpus, "train")
     known = {obj["name"]: obj["kind"] for row in layouts.values() for obj in row["objects"]}
@@ -651,14 +649,15 @@ def _write_telling_mix(corpus: Path, work: Path, name: str, seed: int, used: set
         return naming + lookalike, {"naming_scenes": len(naming), "naming_questions": _questions(naming),
                                     "lookalike_scenes": len(lookalike), "lookalike_questions": _questions(lookalike)}
 
-    return _write_every_skill_mix(corpus, work, name, random.Random(seed), used, conversations, turns, describe_share, replays, caption_singles, more=telling)
+    return _write_every_skill_mix(corpus, work, name, random.Random(seed), used, conversations, turns, describe_share,
+                                  replays, caption_singles, more=telling)
 
 
 def write_discern(corpus: Path, work: Path, recipe: Recipe) -> dict:
     """discern.jsonl: the telling mix after retint, with the tint, tally and crowd mixes replayed."""
     return _write_telling_mix(
-        corpus, work, "discern", recipe.seed + 71, _used_scenes(work, _mixes_before("discern")), recipe.discern_naming_scenes, recipe.discern_lookalike_scenes,
-        recipe.discern_conversations, recipe.discern_turns, recipe.discern_describe_share,
+        corpus, work, "discern", recipe.seed + 71, _used_scenes(work, _mixes_before("discern")),
+        recipe.discern_naming_scenes, recipe.discern_lookalike_scenes, recipe.discern_conversations, recipe.discern_turns, recipe.discern_describe_share,
         (("tint", recipe.discern_tint_replay), ("tally", recipe.discern_tally_replay),
          ("crowd", recipe.discern_crowd_replay)), recipe.discern_caption_singles)
 
