@@ -570,6 +570,24 @@ def test_sharpen_captions_hold_every_single_shape_caption_and_as_many_others(cor
     assert (tmp_path / "sharpen.jsonl").read_bytes() == first
 
 
+def test_aligned_grid_clip_captions_are_the_corpus_with_more_single_shape_copies(corpus, tmp_path):
+    from bench.aligned_grid import write_clip_captions
+
+    counts = write_clip_captions(corpus, tmp_path / "clip.jsonl", shape_copies=3, seed=0)
+    rows = _rows(tmp_path / "clip.jsonl")
+    train = _rows(corpus / "captions_train.jsonl")
+    shapes = [r for r in train if "/shape/" in r["image"]]
+    assert shapes and counts == {"captions": len(train), "shape_captions": len(shapes), "pairs": len(train) + 3 * len(shapes)}
+    pairs = lambda items, root="": sorted((root + r["image"], r["caption"]) for r in items)  # noqa: E731
+    root = f"{corpus.resolve()}/"
+    assert pairs(rows) == pairs(train + shapes * 3, root)  # every caption once, each single-shape one 4 times
+    assert all(Path(r["image"]).is_file() for r in rows)
+    assert [r["image"] for r in rows] != [root + r["image"] for r in train + shapes * 3]  # shuffled
+    first = (tmp_path / "clip.jsonl").read_bytes()
+    write_clip_captions(corpus, tmp_path / "clip.jsonl", shape_copies=3, seed=0)
+    assert (tmp_path / "clip.jsonl").read_bytes() == first
+
+
 def test_a_bundles_vision_tower_goes_into_a_clip_and_back(tiny_parts, tiny_bundle, tmp_path):
     import torch
     from transformers import AutoProcessor, CLIPModel, CLIPVisionModel
