@@ -128,18 +128,40 @@ def test_build_records_stage_times_skips_finished_stages_and_reruns_what_a_recip
 def test_build_with_clip_train_pretrains_its_own_clip_and_builds_the_bundle_on_it(corpus, tmp_path, tiny_parts):
     from vlm_chat.model import VisionLanguageModel
 
-    recipe = replace(SMALL, llm=str(tiny_parts["llm"]), clip_steps=3)
+    from bench.aligned_grid import GRID
+
+    # The grid recipe: 96 px in 16 px patches, shape-rich captions, no crops, one token per patch.
+    recipe = replace(SMALL, llm=str(tiny_parts["llm"]), clip_steps=3, **GRID)
     paths = BuildPaths(work=tmp_path / "work", corpus=corpus, clip="train", out=tmp_path / "shipped")
     state = build_default(paths, recipe, until="bundle")
     trained = paths.work / "clip" / "final"
-    assert state["stages"]["clip"]["result"] is None and (trained / "config.json").is_file()
+    written = state["stages"]["clip"]["result"]
+    assert written["pairs"] == written["captions"] + 4 * written["shape_captions"] == len(_rows(paths.work / "clip_captions.jsonl"))
+    vision = json.loads((trained / "config.json").read_text())["vision_config"]
+    assert (vision["image_size"], vision["patch_size"]) == (96, 16)
     metrics = [json.loads(line) for line in (paths.work / "clip" / "metrics.jsonl").read_text().splitlines()]
     assert max(row.get("step", 0) for row in metrics) == 3
     config = json.loads((paths.work / "bundle" / "vlm_config.json").read_text())
     assert Path(config["vision"]["name_or_path"]).resolve() == trained.resolve()
     model, processor = VisionLanguageModel.from_pretrained(paths.work / "bundle", device="cpu")
     pixels = processor.preprocess_images([corpus / _rows(corpus / "layouts_train.jsonl")[0]["image"]])
-    assert model.get_image_features(pixels).shape == (1, 16, model.language_model.config.hidden_size)
+    assert model.get_image_features(pixels).shape == (1, 36, model.language_model.config.hidden_size)
+    # Another CLIP recipe reruns the stage from scratch: its old run and captions are gone.
+    state = build_default(paths, replace(recipe, clip_shape_copies=0, clip_steps=2), until="clip")
+    assert state["stages"]["clip"]["result"] is None and not (paths.work / "clip_captions.jsonl").exists()
+    metrics = [json.loads(line) for line in (paths.work / "clip" / "metrics.jsonl").read_text().splitlines()]
+    assert max(row.get("step", 0) for row in metrics) == 2
+
+
+@needs_sources
+def test_the_shipped_clip_is_refused_for_a_recipe_that_reads_another_grid(corpus, tmp_path):
+    from bench.aligned_grid import GRID
+    from vlm_chat.errors import UserFacingError
+
+    paths = BuildPaths(work=tmp_path / "work", corpus=corpus, clip="shipped", out=tmp_path / "shipped")
+    with pytest.raises(UserFacingError, match="96 px in 16 px patches.*64 px in 8 px patches.*--clip train"):
+        build_default(paths, replace(SMALL, **GRID), until="clip")
+    assert "clip" not in json.loads((paths.work / "state.json").read_text())["stages"]
 
 
 def test_a_recipe_change_reruns_from_the_first_stage_that_reads_it():
@@ -570,8 +592,8 @@ def test_sharpen_captions_hold_every_single_shape_caption_and_as_many_others(cor
     assert (tmp_path / "sharpen.jsonl").read_bytes() == first
 
 
-def test_aligned_grid_clip_captions_are_the_corpus_with_more_single_shape_copies(corpus, tmp_path):
-    from bench.aligned_grid import write_clip_captions
+def test_clip_captions_are_the_corpus_with_more_single_shape_copies(corpus, tmp_path):
+    from training.default_model import write_clip_captions
 
     counts = write_clip_captions(corpus, tmp_path / "clip.jsonl", shape_copies=3, seed=0)
     rows = _rows(tmp_path / "clip.jsonl")

@@ -80,6 +80,12 @@ class Recipe:
 
     seed: int = 0
     clip_steps: int = 2200  # with --clip train: contrastive steps of 128 captions (docs/clip.md)
+    # With --clip train, the CLIP's input: 64 px in 8 px patches is the shipped CLIP's; 96 px
+    # in 16 px patches puts each cell of a scene's 3x3 grid on exactly 2x2 patches.
+    clip_image_size: int = 64
+    clip_patch_size: int = 8
+    clip_shape_copies: int = 0  # more copies of each single-shape caption in the CLIP's data
+    clip_augment: bool = True  # random resized crops (they move the cells the captions name)
     llm: str = "smollm2-135m-instruct"
     projector: str = "mlp2x_gelu"
     token_reduction: str = "pixel_shuffle"  # 8x8 CLIP patches -> 16 tokens, no information dropped
@@ -201,7 +207,7 @@ class Recipe:
 # The recipe fields each stage reads; a change to one reruns that stage and all after it.
 STAGE_FIELDS = {
     "corpus": ("seed",),
-    "clip": ("seed", "clip_steps"),
+    "clip": ("seed", "clip_steps", "clip_image_size", "clip_patch_size", "clip_shape_copies", "clip_augment"),
     "bundle": ("seed", "llm", "projector", "token_reduction", "reduction_factor"),
     "mix": ("seed", "align_images", "instruct_conversations", "turns_per_conversation", "describe_share",
             "caption_singles", "eval_questions", "eval_caption_images"),
@@ -672,8 +678,8 @@ SCENE_MIXES = (("instruct_images.jsonl", "scene:"),
                *((f"{stage}.jsonl", prefix) for stage in MIX_WRITERS
                  for prefix in (f"{stage}:", *(("place:",) if stage == "consolidate" else ()))))
 # What each stage writes into WORK, deleted when the stage must run again.
-STAGE_OUTPUTS = {"align": ("align",), "instruct": ("instruct",), **{stage: (stage, f"{stage}.jsonl") for stage in MIX_WRITERS},
-                 "eval": ("eval",)}
+STAGE_OUTPUTS = {"clip": ("clip", "clip_captions.jsonl"), "align": ("align",), "instruct": ("instruct",),
+                 **{stage: (stage, f"{stage}.jsonl") for stage in MIX_WRITERS}, "eval": ("eval",)}
 
 
 _DESCRIBE = (
@@ -803,6 +809,38 @@ class BuildPaths:
         return SHIPPED_CLIP if self.clip == "shipped" else self.work / "clip" / "final"
 
 
+def write_clip_captions(corpus: Path, out: Path, shape_copies: int, seed: int) -> dict:
+    """`out`: every training caption of the corpus, plus `shape_copies` more of each caption
+    of a single-shape image, shuffled; image paths absolute. Lone shapes in the 8 colours
+    are then a larger share of each batch, where colour alone cannot match their captions."""
+    rows = _read_jsonl(corpus / "captions_train.jsonl")
+    shapes = [r for r in rows if "/shape/" in f"/{r['image']}"]
+    mixed = rows + shapes * shape_copies
+    random.Random(seed).shuffle(mixed)
+    root = corpus.resolve()
+    _write_jsonl(out, [{"image": str(root / r["image"]), "caption": r["caption"]} for r in mixed])
+    return {"captions": len(rows), "shape_captions": len(shapes), "pairs": len(mixed)}
+
+
+def clip_command(corpus: Path, out: Path, recipe: Recipe) -> list[str]:
+    """`vlm-chat train --stage clip` into OUT/clip, on the corpus captions or, with shape
+    copies, on OUT/clip_captions.jsonl (`write_clip_captions` writes it)."""
+    data = corpus / "captions_train.jsonl"
+    if recipe.clip_shape_copies:
+        data = out / "clip_captions.jsonl"
+    return [
+        "train", "--stage", "clip", "--data", str(data),
+        *(["--val", str(corpus / "captions_val.jsonl")] if recipe.clip_shape_copies else []), "--out", str(out / "clip"),
+        "--image-size", str(recipe.clip_image_size), "--patch-size", str(recipe.clip_patch_size),
+        "--vision-width", "256", "--vision-layers", "6", "--text-width", "256", "--text-layers", "4",
+        "--projection-dim", "256", "--vocab-size", "4096", "--max-text-len", "32", *([] if recipe.clip_augment else ["--no-augment"]),
+        "--batch-size", "128", "--max-steps", str(recipe.clip_steps), "--lr", "5e-4",
+        "--warmup", str(min(100, recipe.clip_steps // 10)),
+        "--weight-decay", "0.1", "--eval-every", "200", "--eval-max-batches", "8", "--save-every-minutes", "5",
+        "--log-every", "10", "--seed", str(recipe.seed), "--resume",
+    ]
+
+
 def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
     """The CLI command each training stage runs (also printed, so any one can be rerun by hand)."""
     w = paths.work
@@ -814,15 +852,7 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
 
     return {
         "corpus": ["corpus", "build", "--out", str(paths.corpus), "--seed", str(recipe.seed)],
-        "clip": [
-            "train", "--stage", "clip", "--data", str(paths.corpus / "captions_train.jsonl"), "--out", str(w / "clip"),
-            "--image-size", "64", "--patch-size", "8", "--vision-width", "256", "--vision-layers", "6",
-            "--text-width", "256", "--text-layers", "4", "--projection-dim", "256", "--vocab-size", "4096",
-            "--max-text-len", "32", "--batch-size", "128", "--max-steps", str(recipe.clip_steps), "--lr", "5e-4",
-            "--warmup", str(min(100, recipe.clip_steps // 10)),
-            "--weight-decay", "0.1", "--eval-every", "200", "--eval-max-batches", "8", "--save-every-minutes", "5",
-            "--log-every", "10", "--seed", str(recipe.seed), "--resume",
-        ],
+        "clip": clip_command(paths.corpus, w, recipe),
         "bundle": [
             "build", "--vision", str(paths.clip_dir), "--llm", recipe.llm, "--projector", recipe.projector,
             "--token-reduction", recipe.token_reduction, "--reduction-factor", str(recipe.reduction_factor),
@@ -990,8 +1020,17 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
 
     def clip():
         if paths.clip == "shipped":
+            shipped = json.loads((SHIPPED_CLIP / "config.json").read_text())["vision_config"]
+            wanted = {"image_size": recipe.clip_image_size, "patch_size": recipe.clip_patch_size}
+            if any(shipped[key] != value for key, value in wanted.items()):
+                raise UserFacingError(
+                    f"the recipe's CLIP reads {recipe.clip_image_size} px in {recipe.clip_patch_size} px patches, the shipped "
+                    f"one {shipped['image_size']} px in {shipped['patch_size']} px patches: give --clip train to pretrain it")
             return {"reused": str(SHIPPED_CLIP)}
+        written = write_clip_captions(paths.corpus, w / "clip_captions.jsonl", recipe.clip_shape_copies, recipe.seed) \
+            if recipe.clip_shape_copies else None
         _cli(commands["clip"])
+        return written
 
     def mix_then_train(stage: str, write_mix):
         def run():
