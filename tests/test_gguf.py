@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from vlm_chat.chat import ChatSession
 from vlm_chat.commands import KNOWN_LLMS
 from vlm_chat.config import LLMConfig
+from vlm_chat.export import check_exportable
 from vlm_chat.generation import GenerationSettings
 from vlm_chat.language_model import cache_dir, llm_source_dir
 
@@ -40,6 +42,11 @@ def test_gguf_is_converted_once_into_the_cache(smollm_bundle):
     assert llm_source_dir(LLMConfig(**KNOWN_LLMS["smollm2-135m-instruct"])) == str(entries[0])
     assert time.perf_counter() - start < 1.0  # a cache hit does no conversion
     assert list((cache_dir() / "gguf").iterdir()) == entries
+    # Plain float weights: no quantizer comes back with them, so the bundle exports to Llava.
+    assert "quantization_config" not in json.loads((entries[0] / "config.json").read_text())
+    model = smollm_bundle[1]
+    assert not model.language_model.is_quantized
+    check_exportable(model)
 
 
 def test_smollm2_answers_through_our_path(smollm_bundle):

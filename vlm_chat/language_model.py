@@ -57,13 +57,17 @@ def resolve_local(name_or_path: str, base_dir: Path | None) -> str:
     return name_or_path
 
 
+CACHE_FORMAT = 2  # 2: the converted config carries no quantization_config
+
+
 def convert_gguf(directory: str, gguf_file: str) -> Path:
     """Dequantize a GGUF file once into a cached safetensors model + tokenizer dir."""
     source = Path(directory) / gguf_file
     if not source.is_file():
         raise ConfigError(f"GGUF file {source} does not exist")
     stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # CACHE_FORMAT changes when what the conversion writes changes, so older entries are redone.
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_FORMAT}".encode()).hexdigest()[:16]
     target = cache_dir() / "gguf" / f"{source.stem}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -73,6 +77,10 @@ def convert_gguf(directory: str, gguf_file: str) -> Path:
     # config with its weights copied in saves as ordinary safetensors.
     plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
+    # The weights are plain floats now: without this, the saved config keeps the GGUF
+    # quantization_config and every later load attaches a quantizer (is_quantized, no export).
+    if hasattr(plain.config, "quantization_config"):
+        del plain.config.quantization_config
     plain.generation_config = loaded.generation_config
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     # Write into a temporary sibling and rename: a killed conversion never leaves a
