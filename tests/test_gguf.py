@@ -45,7 +45,7 @@ def test_gguf_is_converted_once_into_the_cache(smollm_bundle):
     # Plain float weights: no quantizer comes back with them, so the bundle exports to Llava.
     assert "quantization_config" not in json.loads((entries[0] / "config.json").read_text())
     model = smollm_bundle[1]
-    assert not model.language_model.is_quantized
+    assert getattr(model.language_model, "hf_quantizer", None) is None
     check_exportable(model)
 
 
