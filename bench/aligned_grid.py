@@ -67,7 +67,7 @@ def main() -> None:
     finished = {"clip": out / "clip" / "final" / "config.json", "bundle": out / "bundle" / "vlm_config.json",
                 "align": out / "align" / "vlm_config.json", "instruct": out / "instruct" / "vlm_config.json"}
     for step in STEPS:
-        if step == "clip":
+        if step == "clip" and not finished["clip"].is_file():  # a finished CLIP needs its captions no more
             print(write_clip_captions(corpus, out / "clip_captions.jsonl", recipe.clip_shape_copies, recipe.seed), flush=True)
         if step == "eval":
             _cli(["eval", "--model", str(out / "instruct"), "--data", str(base / "eval_triples.jsonl"),
