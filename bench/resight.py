@@ -28,21 +28,20 @@ import shutil
 from pathlib import Path
 
 from training.default_model import (
-    EVERY_SKILL_SETTINGS, NOT_SHIPPED, SCENE_MIXES, SHIPPED_CLIP, _cli, _flags, _read_jsonl, _used_scenes, _write_jsonl,
-    _write_telling_mix,
+    EVERY_SKILL_SETTINGS, NOT_SHIPPED, SCENE_MIXES, SHIPPED_CLIP, _cli, _flags, _read_jsonl, _used_scenes,
+    _write_telling_mix, is_shape_caption, write_captions,
 )
 
 
 def write_sharpen(corpus: Path, out: Path, other_captions: int, seed: int) -> dict:
     """`out`: every caption of the single-shape training images and `other_captions` others, shuffled."""
     rows = _read_jsonl(corpus / "captions_train.jsonl")
-    shapes = [r for r in rows if "/shape/" in f"/{r['image']}"]
-    rest = [r for r in rows if "/shape/" not in f"/{r['image']}"]
+    shapes = [r for r in rows if is_shape_caption(r)]
+    rest = [r for r in rows if not is_shape_caption(r)]
     rng = random.Random(seed)
     mixed = shapes + rng.sample(rest, min(other_captions, len(rest)))
     rng.shuffle(mixed)
-    root = corpus.resolve()
-    _write_jsonl(out, [{"image": str(root / r["image"]), "caption": r["caption"]} for r in mixed])
+    write_captions(corpus, out, mixed)
     return {"shape_captions": len(shapes), "other_captions": len(mixed) - len(shapes)}
 
 

@@ -809,28 +809,38 @@ class BuildPaths:
         return SHIPPED_CLIP if self.clip == "shipped" else self.work / "clip" / "final"
 
 
+def is_shape_caption(row: dict) -> bool:
+    """Whether a corpus caption row describes a single-shape image (the corpus's shape/ folder)."""
+    return "/shape/" in f"/{row['image']}"
+
+
+def write_captions(corpus: Path, out: Path, rows: list[dict]) -> None:
+    """`out`: the caption rows of `corpus`, with image paths made absolute so the file can live anywhere."""
+    root = corpus.resolve()
+    _write_jsonl(out, [{"image": str(root / r["image"]), "caption": r["caption"]} for r in rows])
+
+
 def write_clip_captions(corpus: Path, out: Path, shape_copies: int, seed: int) -> dict:
     """`out`: every training caption of the corpus, plus `shape_copies` more of each caption
     of a single-shape image, shuffled; image paths absolute. Lone shapes in the 8 colours
     are then a larger share of each batch, where colour alone cannot match their captions."""
     rows = _read_jsonl(corpus / "captions_train.jsonl")
-    shapes = [r for r in rows if "/shape/" in f"/{r['image']}"]
+    shapes = [r for r in rows if is_shape_caption(r)]
     mixed = rows + shapes * shape_copies
     random.Random(seed).shuffle(mixed)
-    root = corpus.resolve()
-    _write_jsonl(out, [{"image": str(root / r["image"]), "caption": r["caption"]} for r in mixed])
+    write_captions(corpus, out, mixed)
     return {"captions": len(rows), "shape_captions": len(shapes), "pairs": len(mixed)}
 
 
 def clip_command(corpus: Path, out: Path, recipe: Recipe) -> list[str]:
     """`vlm-chat train --stage clip` into OUT/clip, on the corpus captions or, with shape
-    copies, on OUT/clip_captions.jsonl (`write_clip_captions` writes it)."""
-    data = corpus / "captions_train.jsonl"
-    if recipe.clip_shape_copies:
-        data = out / "clip_captions.jsonl"
+    copies, on OUT/clip_captions.jsonl (`write_clip_captions` writes it), held out on the
+    corpus's val captions."""
+    data = ["--data", str(corpus / "captions_train.jsonl")]
+    if recipe.clip_shape_copies:  # clip_captions_val.jsonl beside it does not exist
+        data = ["--data", str(out / "clip_captions.jsonl"), "--val", str(corpus / "captions_val.jsonl")]
     return [
-        "train", "--stage", "clip", "--data", str(data),
-        *(["--val", str(corpus / "captions_val.jsonl")] if recipe.clip_shape_copies else []), "--out", str(out / "clip"),
+        "train", "--stage", "clip", *data, "--out", str(out / "clip"),
         "--image-size", str(recipe.clip_image_size), "--patch-size", str(recipe.clip_patch_size),
         "--vision-width", "256", "--vision-layers", "6", "--text-width", "256", "--text-layers", "4",
         "--projection-dim", "256", "--vocab-size", "4096", "--max-text-len", "32", *([] if recipe.clip_augment else ["--no-augment"]),
