@@ -196,3 +196,23 @@ def test_group_by_length_trains_and_needs_lengths(tmp_path):
         run(config(tmp_path, "no_lengths", max_steps=2, group_by_length=True))
     with pytest.raises(ConfigError, match="choose one"):
         config(tmp_path, "both", in_order=True, group_by_length=True).validate()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_autocast_only_where_the_cpu_has_it(tmp_path, monkeypatch, native):
+    monkeypatch.setattr("training.trainer.torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("training.trainer.cpu_has_native_bf16", lambda: native)
+    seen = set()
+
+    def loss_fn(model, batch):
+        seen.add(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return noisy_mse(model, batch)
+
+    cfg = config(tmp_path, f"bf16-{native}", max_steps=2, mixed_precision="bf16")
+    if native:
+        run(cfg, loss_fn)
+        assert seen == {torch.bfloat16}
+    else:
+        with pytest.warns(UserWarning, match="no native bf16.*fp32 instead"):
+            run(cfg, loss_fn)
+        assert seen == {False}

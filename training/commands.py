@@ -79,7 +79,7 @@ TRAIN_FLAGS = (
     ("--save-every-minutes", float, "also checkpoint after this many minutes; 0 = off"),
     ("--keep-last", int, "checkpoints kept (default 2)"),
     ("--seed", int, "seed of init, data order and augmentation (default 0)"),
-    ("--mixed-precision", str, "no | bf16 | fp16 (fp16 needs a GPU) (default no)"),
+    ("--mixed-precision", str, "no | bf16 | fp16 (fp16 needs a GPU; bf16 runs as fp32 on a CPU without native bf16) (default no)"),
     ("--num-workers", int, "data loader processes (default 0: exact resume of augmentation)"),
 )
 

@@ -31,6 +31,7 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vlm_chat.devices import cpu_has_native_bf16
 from vlm_chat.errors import ConfigError, UserFacingError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -375,6 +377,18 @@ def _batch_len(batch: Any) -> int:
     raise UserFacingError("collate_fn must return a tensor, or a dict/tuple holding at least one tensor")
 
 
+def _autocast_precision(config: TrainConfig) -> str:
+    """The asked mixed precision, except bf16 on a CPU that would only emulate it: fp32 there."""
+    if config.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
+        warnings.warn(
+            "mixed_precision=bf16 asked for, but this CPU has no native bf16 (neither AVX512-BF16 nor AMX), "
+            "so bf16 autocast would be emulated and far slower than fp32 (a 15 s step took over 8 minutes "
+            "on an AVX2-only CPU); training in fp32 instead", stacklevel=3,
+        )
+        return "no"
+    return config.mixed_precision
+
+
 def _resolve_resume(config: TrainConfig) -> Path | None:
     existing = list_checkpoints(config.output_dir)
     if not config.resume:
@@ -501,6 +515,7 @@ def train(
 ) -> TrainResult:
     """Train `model` by minimising `loss_fn(model, batch)`; checkpoints and metrics go to config.output_dir."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -509,7 +524,10 @@ def train(
         raise ConfigError("mixed_precision=fp16 needs a CUDA GPU; use 'bf16' or 'no' on this device")
     if config.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU does not support bf16; use mixed_precision 'fp16' or 'no'")
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
+    # Each call is a run of its own: an earlier run in this process (a notebook, a test session)
+    # must not pin its mixed precision on this one. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=_autocast_precision(config))
     set_seed(config.seed)  # python random, numpy, torch (all devices)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,13 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU does bf16 math in hardware (AVX512-BF16 or AMX); without either,
+    torch emulates bf16 and autocast to it runs far slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """fp32 on CPU (bf16 decodes slower there), bf16 on GPUs that have it, else fp16."""
     if dtype == "auto":
