@@ -524,8 +524,9 @@ def train(
         raise ConfigError("mixed_precision=fp16 needs a CUDA GPU; use 'bf16' or 'no' on this device")
     if config.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU does not support bf16; use mixed_precision 'fp16' or 'no'")
-    # Each call is a run of its own: an earlier run in this process (a notebook, a test session)
-    # must not pin its mixed precision on this one. The process group (PartialState) is kept.
+    # Each call is a run of its own: an earlier run in this process must not pin its mixed
+    # precision on this one (`vlm-chat default build` runs instruct in fp32, then drill in bf16,
+    # in one process; accelerate raised there). The process group (PartialState) is kept.
     AcceleratorState._reset_state()
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=_autocast_precision(config))
     set_seed(config.seed)  # python random, numpy, torch (all devices)
