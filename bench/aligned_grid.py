@@ -36,18 +36,14 @@ OUT/clip/final --corpus DIR` measure the CLIP itself.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from training.default_model import BuildPaths, Recipe, _cli, _read_jsonl, knowledge_check, stage_commands, write_clip_captions
+from training.default_model import GRID, BuildPaths, Recipe, _cli, evaluate_bundle, stage_commands, write_clip_captions
 
 STEPS = ("clip", "bundle", "align", "instruct", "eval", "drill", "drill-eval")
 EVALS = {"eval": ("instruct", "eval"), "drill-eval": ("drill", "eval_drill")}  # step: (bundle, its eval dir)
-# The recipe fields that make the grid CLIP and its bundle; the rest is the build's default.
-GRID = {"clip_image_size": 96, "clip_patch_size": 16, "clip_shape_copies": 4, "clip_augment": False,
-        "token_reduction": "none"}
 
 
 def main() -> None:
@@ -80,12 +76,8 @@ def main() -> None:
             print(f"[{step}] done before, skipped", flush=True)
         elif step in EVALS:
             bundle, dest = (out / name for name in EVALS[step])
-            _cli(["eval", "--model", str(bundle), "--data", str(base / "eval_triples.jsonl"),
-                  str(base / "eval_captions.jsonl"), "--batch-size", str(recipe.eval_batch_size), "--out", str(dest)])
-            first_image = _read_jsonl(base / "eval_triples.jsonl")[0]["image"]
-            knowledge = knowledge_check(bundle, first_image)
-            (dest / "knowledge.json").write_text(json.dumps({"tuned_with_image": knowledge}, indent=1))
-            print(f"general questions, image attached: {knowledge['hits']}/{knowledge['n']}", flush=True)
+            hits = evaluate_bundle(bundle, base, dest, recipe.eval_batch_size)
+            print(f"general questions, image attached: {hits['tuned_with_image']}", flush=True)
         else:
             _cli(commands[step])
         if step == args.until:

@@ -101,7 +101,8 @@ def tiny_parts(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def build_tiny_bundle(parts, out: Path, projector: str = "mlp2x_gelu", reduction: str = "none", **vision_kwargs):
+def build_tiny_bundle(parts, out: Path, projector: str = "mlp2x_gelu", reduction: str = "none", image_tiles: int = 0,
+                      **vision_kwargs):
     from vlm_chat.config import LLMConfig, ProjectorConfig, VisionConfig, VLMConfig
     from vlm_chat.model import build_bundle
 
@@ -109,6 +110,7 @@ def build_tiny_bundle(parts, out: Path, projector: str = "mlp2x_gelu", reduction
         vision=VisionConfig(name_or_path=str(parts["vision"]), **vision_kwargs),
         llm=LLMConfig(name_or_path=str(parts["llm"])),
         projector=ProjectorConfig(type=projector, token_reduction=reduction),
+        image_tiles=image_tiles,
         max_context=256,
     )
     return build_bundle(config, out, device="cpu")

@@ -46,3 +46,9 @@ def test_export_refuses_token_reduction(tiny_parts, tmp_path):
     model, processor = build_tiny_bundle(tiny_parts, tmp_path / "bundle", reduction="avg_pool")
     with pytest.raises(ConfigError, match="token_reduction 'avg_pool' has no equivalent"):
         export_hf_llava(model, processor, tmp_path / "llava")
+
+
+def test_export_refuses_image_tiles(tiny_parts, tmp_path):
+    model, processor = build_tiny_bundle(tiny_parts, tmp_path / "bundle", image_tiles=2)
+    with pytest.raises(ConfigError, match="image_tiles=2 .* no equivalent in transformers' Llava"):
+        export_hf_llava(model, processor, tmp_path / "llava")

@@ -229,3 +229,47 @@ def test_lora_add_and_load_print_no_library_deprecation_warning(tiny_bundle, tmp
         add_lora(model.language_model, LoraSettings(r=2, alpha=4)).save_pretrained(tmp_path / "adapter")
         fresh, _ = VisionLanguageModel.from_pretrained(bundle, device="cpu")
         assert load_lora(fresh.language_model, tmp_path / "adapter") is not None
+
+
+def test_tile_order_and_names_follow_the_corpus_grid():
+    from training.corpus.scenes import CELL_NAMES
+    from vlm_chat.processor import tile_names, tile_order
+
+    assert tile_order(16, 2) == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
+    assert sorted(tile_order(36, 3)) == list(range(36))
+    assert tile_order(36, 3)[4:8] == [2, 3, 8, 9]  # the second tile: columns 2-3 of rows 0-1
+    assert tile_names(3) == [CELL_NAMES[(r, c)] for r in range(3) for c in range(3)]
+    assert tile_names(4)[5] == "row 2 column 2"
+
+
+def test_image_tiles_put_each_tile_after_its_name(tiny_parts, tmp_path, images):
+    model, processor = build_tiny_bundle(tiny_parts, tmp_path / "tiles", image_tiles=2)
+    inputs = ask(processor, "what ?", images[:1])
+    ids = inputs["input_ids"][0]
+    mask = ids == processor.image_token_id
+    assert int(mask.sum()) == 16
+    shown = processor.tokenizer.decode(ids).replace("<image>", "#")
+    assert "\ntop left:####\ntop right:####\nbottom left:####\nbottom right:####" in shown
+    # Tile by tile: the first slots hold raster tokens 0, 1, 4, 5 (the top-left 2x2 of the 4x4 grid).
+    embeds = model.embed(inputs["input_ids"], inputs["pixel_values"])
+    features = model.get_image_features(inputs["pixel_values"])[0]  # raster order
+    torch.testing.assert_close(embeds[0, mask][:4], features[[0, 1, 4, 5]])
+    torch.testing.assert_close(embeds[0, mask][4:8], features[[2, 3, 6, 7]])
+    assert model(**inputs).logits.shape[1] == ids.shape[0]
+    # Training labels: the names are part of the image, never supervised.
+    from training.data import IGNORE_INDEX, encode_for_training
+
+    messages = [user_message("what ?", images[:1]), {"role": "assistant", "content": "two"}]
+    train_ids, labels = encode_for_training(processor, messages)
+    start = train_ids.index(processor.image_token_id) - len(processor.tokenizer("\ntop left:")["input_ids"])
+    assert train_ids[start:start + len(processor.image_ids)] == processor.image_ids
+    assert set(labels[start:start + len(processor.image_ids)]) == {IGNORE_INDEX}
+    # The layout is saved with the bundle.
+    model.save_pretrained(tmp_path / "saved", processor)
+    loaded, loaded_processor = VisionLanguageModel.from_pretrained(tmp_path / "saved", device="cpu")
+    assert loaded.config.image_tiles == 2 and loaded_processor.image_ids == processor.image_ids
+
+
+def test_image_tiles_must_divide_the_token_grid(tiny_parts, tmp_path):
+    with pytest.raises(ConfigError, match="image_tiles=3 needs a square grid .* 16 tokens per image"):
+        build_tiny_bundle(tiny_parts, tmp_path / "bad", image_tiles=3)

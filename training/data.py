@@ -272,8 +272,8 @@ def encode_for_training(processor, messages: list[dict[str, str]]) -> tuple[list
     ids, labels = [], []
     for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
         if token == processor.image_token_id:
-            ids.extend([token] * processor.num_image_tokens)
-            labels.extend([IGNORE_INDEX] * processor.num_image_tokens)
+            ids.extend(processor.image_ids)
+            labels.extend([IGNORE_INDEX] * len(processor.image_ids))
             continue
         supervised = any(start < span_end and end > span_start for span_start, span_end in spans)
         ids.append(token)

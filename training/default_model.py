@@ -89,6 +89,7 @@ class Recipe:
     llm: str = "smollm2-135m-instruct"
     projector: str = "mlp2x_gelu"
     token_reduction: str = "pixel_shuffle"  # 8x8 CLIP patches -> 16 tokens, no information dropped
+    image_tiles: int = 0  # k > 0: image tokens in k x k tiles, each after its name ("top left:")
     reduction_factor: int = 2
     align_images: int = 6000
     align: dict = field(default_factory=lambda: {
@@ -208,7 +209,7 @@ class Recipe:
 STAGE_FIELDS = {
     "corpus": ("seed",),
     "clip": ("seed", "clip_steps", "clip_image_size", "clip_patch_size", "clip_shape_copies", "clip_augment"),
-    "bundle": ("seed", "llm", "projector", "token_reduction", "reduction_factor"),
+    "bundle": ("seed", "llm", "projector", "token_reduction", "reduction_factor", "image_tiles"),
     "mix": ("seed", "align_images", "instruct_conversations", "turns_per_conversation", "describe_share",
             "caption_singles", "eval_questions", "eval_caption_images"),
     "distill": ("seed", "text_copies"),
@@ -866,20 +867,40 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
         "bundle": [
             "build", "--vision", str(paths.clip_dir), "--llm", recipe.llm, "--projector", recipe.projector,
             "--token-reduction", recipe.token_reduction, "--reduction-factor", str(recipe.reduction_factor),
-            "--seed", str(recipe.seed), "--out", str(w / "bundle"),
+            "--image-tiles", str(recipe.image_tiles), "--seed", str(recipe.seed), "--out", str(w / "bundle"),
         ],
         "align": train("align", "align", after="bundle", settings=recipe.align),
         "instruct": train("instruct", "instruct", after="align", settings=recipe.instruct),
         # each stage with its own mix goes on from the bundle the training stage before it left
         **{stage: train("instruct", stage, after=before, settings=getattr(recipe, stage))
            for before, stage in zip(TRAINING_STAGES[1:], TRAINING_STAGES[2:])},
-        "eval": [
-            "eval", "--model", str(w / FINAL_STAGE), "--data", str(w / "eval_triples.jsonl"), str(w / "eval_captions.jsonl"),
-            "--batch-size", str(recipe.eval_batch_size), "--out", str(w / "eval"),
-        ],
+        "eval": eval_command(w / FINAL_STAGE, w, w / "eval", recipe.eval_batch_size),
     }
 
 
+def eval_command(bundle: Path, data: Path, dest: Path, batch_size: int) -> list[str]:
+    """`vlm-chat eval` of `bundle` on the test files the mix stage wrote into `data`."""
+    return ["eval", "--model", str(bundle), "--data", str(data / "eval_triples.jsonl"), str(data / "eval_captions.jsonl"),
+            "--batch-size", str(batch_size), "--out", str(dest)]
+
+
+def evaluate_bundle(bundle: Path, data: Path, dest: Path, batch_size: int, baseline: Path | None = None) -> dict:
+    """`eval_command`, then the general questions asked of `bundle` with an image attached (and
+    of `baseline` without one) into DEST/knowledge.json, the last file written; hits per check."""
+    _cli(eval_command(bundle, data, dest, batch_size))
+    first_image = _read_jsonl(data / "eval_triples.jsonl")[0]["image"]
+    result = {"tuned_with_image": knowledge_check(bundle, first_image)}
+    if baseline is not None:
+        result["base_without_image"] = knowledge_check(baseline, None)
+    (dest / "knowledge.json").write_text(json.dumps(result, indent=1))
+    return {k: f"{v['hits']}/{v['n']}" for k, v in result.items()}
+
+
+# The recipe fields of the grid CLIP and its bundle (bench/aligned_grid.py): the scene read
+# at its own 96 px in 16 px patches, each 3x3 cell exactly 2x2 patches, one image token per
+# patch; more single-shape captions and no random crops for the CLIP.
+GRID = {"clip_image_size": 96, "clip_patch_size": 16, "clip_shape_copies": 4, "clip_augment": False,
+        "token_reduction": "none"}
 FINAL_STAGE = "discern"  # the training stage whose bundle is evaluated and shipped
 # The stages that train a bundle, in build order (each one's output is WORK/<stage>): align
 # and instruct on the files the mix stage wrote, every later one on its own mix.
@@ -1049,14 +1070,6 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
             return written
         return run
 
-    def evaluate():
-        _cli(commands["eval"])
-        first_image = _read_jsonl(w / "eval_triples.jsonl")[0]["image"]
-        result = {"tuned_with_image": knowledge_check(w / FINAL_STAGE, first_image),
-                  "base_without_image": knowledge_check(w / "bundle", None)}
-        (w / "eval" / "knowledge.json").write_text(json.dumps(result, indent=1))
-        return {k: f"{v['hits']}/{v['n']}" for k, v in result.items()}
-
     runners = {
         "corpus": corpus,
         "clip": clip,
@@ -1066,7 +1079,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         "align": lambda: _cli(commands["align"]),
         "instruct": lambda: _cli(commands["instruct"]),
         **{stage: mix_then_train(stage, write) for stage, write in MIX_WRITERS.items()},
-        "eval": evaluate,
+        "eval": lambda: evaluate_bundle(w / FINAL_STAGE, w, w / "eval", recipe.eval_batch_size, baseline=w / "bundle"),
         "ship": lambda: ship(w / FINAL_STAGE, paths.out, {
             "recipe.json": state_file, "scores.json": w / "eval" / "scores.json", "knowledge.json": w / "eval" / "knowledge.json",
         }),

@@ -106,7 +106,8 @@ def fit_to_context(processor, messages: list[Message], limit: int, settings: Gen
             continue
         if room >= MIN_NEW_TOKENS:
             return inputs, dataclasses.replace(settings, max_new_tokens=room), dropped
-        image_tokens = int(inputs["input_ids"].eq(processor.image_token_id).sum())
+        images = int(inputs["input_ids"].eq(processor.image_token_id).sum()) // processor.num_image_tokens
+        image_tokens = images * len(processor.image_ids)  # with tiles, their names count too
         raise ContextOverflowError(
             f"the message needs {prompt} tokens ({image_tokens} of them for images) but the context holds "
             f"{limit}; send a shorter message or fewer images"

@@ -282,6 +282,10 @@ def _register_build(subparsers) -> None:
     p.add_argument("--position-embedding", action="store_true",
                    help="a learned vector per image token, added after the projector, that tells the LLM where "
                    "the token sits in the image (not exportable to hf-llava)")
+    p.add_argument("--image-tiles", type=int, default=0, metavar="K",
+                   help="lay each image's tokens out in K x K tiles, each after its position in words "
+                   "(\"top left:\"), so the LLM reads where a token sits as text (0, the default: one run of "
+                   "tokens, as Llava; tiles are not exportable to hf-llava)")
     p.add_argument("--feature-layer", type=int, default=-2, help="vision hidden state fed to the projector")
     p.add_argument("--select-strategy", default=None, choices=["default", "full"],
                    help="default drops CLS (CLIP); full keeps all tokens (required for SigLIP). Default: by model")
@@ -332,6 +336,7 @@ def _build(args) -> int:
             position_embedding=args.position_embedding,
         ),
         image=ImageConfig(aspect=args.aspect),
+        image_tiles=args.image_tiles,
         max_context=args.max_context,
         system_prompt=args.system_prompt,
     )

@@ -89,6 +89,9 @@ class VLMConfig:
     # Positions one image occupies in the LLM sequence (derived from the vision tower
     # and token reduction; stored so the processor needs no model to expand prompts).
     num_image_tokens: int = 0
+    # 0: the image tokens in one run (Llava's layout). k > 0: in k x k tiles, each after
+    # its position in words ("top left:"; vlm_chat/processor.py), which `export` refuses.
+    image_tiles: int = 0
     # Upper bound on prompt + new tokens; the LLM's own limit applies if smaller.
     max_context: int = 2048
     system_prompt: str | None = None

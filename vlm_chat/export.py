@@ -58,6 +58,11 @@ def check_exportable(model) -> None:
             "projector.position_embedding (a learned vector per image token) has no equivalent in "
             "transformers' Llava; only bundles without it export to hf-llava"
         )
+    if config.image_tiles:
+        raise ConfigError(
+            f"image_tiles={config.image_tiles} (image tokens in tiles, each after its name) has no equivalent in "
+            "transformers' Llava, which takes one run of image tokens; only bundles with image_tiles 0 export to hf-llava"
+        )
     if config.projector.type not in ("linear", "mlp2x_gelu"):
         raise ConfigError(f"projector {config.projector.type!r} has no Llava equivalent; use linear or mlp2x_gelu")
     if getattr(model.language_model, "is_quantized", False):

@@ -34,7 +34,7 @@ from vlm_chat.language_model import (
     load_tokenizer,
     resolve_local,
 )
-from vlm_chat.processor import VLMProcessor
+from vlm_chat.processor import VLMProcessor, tile_order
 from vlm_chat.vision import VisionTower, image_normalisation, load_vision_tower
 
 PROJECTOR_WEIGHTS = "projector.safetensors"
@@ -87,6 +87,8 @@ class VisionLanguageModel(nn.Module):
                 )
             return inputs_embeds
         image_embeds = self.get_image_features(pixel_values)  # (N, P', D_lm)
+        if self.config.image_tiles:  # the processor lays the slots out tile by tile
+            image_embeds = image_embeds[:, tile_order(image_embeds.shape[1], self.config.image_tiles)]
         if slots != image_embeds.shape[0] * image_embeds.shape[1]:
             raise ImageTokenMismatchError(
                 f"the input has {slots} image-token positions but {image_embeds.shape[0]} image(s) give "
@@ -296,7 +298,8 @@ def build_bundle(
     config.num_image_tokens = model.projector_tokens
     norm = image_normalisation(config.vision.name_or_path, model.vision_tower.model)
     image_processor = make_image_processor(norm.image_size, norm.image_mean, norm.image_std, config.image)
-    processor = VLMProcessor(tokenizer, image_processor, config.num_image_tokens, config.image_token, config.system_prompt)
+    processor = VLMProcessor(tokenizer, image_processor, config.num_image_tokens, config.image_token, config.system_prompt,
+                             config.image_tiles)
     model.save_pretrained(out, processor)
     return model, processor
 

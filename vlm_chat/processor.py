@@ -4,10 +4,17 @@ Prompts come from the tokenizer's own chat template (ChatML, Llama, ...). Image
 parts are rendered as one `<image>` placeholder, which this processor expands into
 `num_image_tokens` copies of the image token id, so the model only has to scatter
 image embeddings into those positions (the transformers Llava contract).
+
+With `image_tiles` k > 0 the image's square grid of tokens is cut into k x k tiles,
+and each tile's tokens follow its position in words ("top left:", as SmolVLM writes
+`<row_1_col_1>`): a question about a place in the image then finds it as text, not
+as a learned code of the token's index. The model scatters its embeddings tile by
+tile to match (`tile_order`).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +27,29 @@ from vlm_chat.images import ImageInput, load_image
 
 TOKENIZER_DIR = "tokenizer"
 Message = dict[str, Any]
+
+_ROWS = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
+_COLS = {2: ("left", "right"), 3: ("left", "middle", "right")}
+
+
+def tile_names(tiles: int) -> list[str]:
+    """Names of the k x k tiles in row-major order: words for 2 and 3, else row/column numbers."""
+    if tiles in _ROWS:
+        return [f"{row} {col}".replace("middle middle", "center") for row in _ROWS[tiles] for col in _COLS[tiles]]
+    return [f"row {r + 1} column {c + 1}" for r in range(tiles) for c in range(tiles)]
+
+
+def tile_order(num_tokens: int, tiles: int) -> list[int]:
+    """Raster indices of a square token grid, tile by tile (row-major tiles, row-major within)."""
+    side = math.isqrt(num_tokens)
+    if tiles < 1 or side * side != num_tokens or side % tiles:
+        raise ConfigError(
+            f"image_tiles={tiles} needs a square grid of image tokens whose side divides by {tiles}; "
+            f"this bundle gives {num_tokens} tokens per image (use a tile count that divides {side}, or 0)"
+        )
+    step = side // tiles
+    return [(tr * step + r) * side + tc * step + c
+            for tr in range(tiles) for tc in range(tiles) for r in range(step) for c in range(step)]
 
 
 def flatten_message(message: Message, image_token: str) -> tuple[dict[str, str], list[ImageInput]]:
@@ -59,15 +89,25 @@ class VLMProcessor:
         num_image_tokens: int,
         image_token: str = "<image>",
         system_prompt: str | None = None,
+        image_tiles: int = 0,
     ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
         self.system_prompt = system_prompt
+        self.image_tiles = image_tiles
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ConfigError(f"the tokenizer has no {image_token!r} token; rebuild the bundle with `vlm-chat build`")
+        # What one placeholder becomes: the image tokens, each tile's after its name.
+        self.image_ids = [self.image_token_id] * num_image_tokens
+        if image_tiles:
+            per_tile = len(tile_order(num_image_tokens, image_tiles)) // image_tiles**2
+            self.image_ids = [
+                token for name in tile_names(image_tiles)
+                for token in [*tokenizer(f"\n{name}:", add_special_tokens=False)["input_ids"], *[self.image_token_id] * per_tile]
+            ]
         if tokenizer.chat_template is None:
             raise ConfigError("the tokenizer has no chat template; use an instruction-tuned LLM or add a template")
 
@@ -90,7 +130,7 @@ class VLMProcessor:
     def expand_image_tokens(self, ids: list[int]) -> list[int]:
         out: list[int] = []
         for token in ids:
-            out.extend([token] * self.num_image_tokens if token == self.image_token_id else [token])
+            out.extend(self.image_ids if token == self.image_token_id else [token])
         return out
 
     def encode_text(self, text: str) -> list[int]:
@@ -148,4 +188,5 @@ class VLMProcessor:
         directory = Path(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory / TOKENIZER_DIR)
         image_processor = LlavaImageProcessorPil.from_pretrained(directory)
-        return cls(tokenizer, image_processor, config.num_image_tokens, config.image_token, config.system_prompt)
+        return cls(tokenizer, image_processor, config.num_image_tokens, config.image_token, config.system_prompt,
+                   config.image_tiles)
