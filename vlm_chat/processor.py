@@ -103,7 +103,8 @@ class VLMProcessor:
         # What one placeholder becomes: the image tokens, each tile's after its name.
         self.image_ids = [self.image_token_id] * num_image_tokens
         if image_tiles:
-            per_tile = len(tile_order(num_image_tokens, image_tiles)) // image_tiles**2
+            tile_order(num_image_tokens, image_tiles)  # refuses a count that does not divide the grid
+            per_tile = num_image_tokens // image_tiles**2
             self.image_ids = [
                 token for name in tile_names(image_tiles)
                 for token in [*tokenizer(f"\n{name}:", add_special_tokens=False)["input_ids"], *[self.image_token_id] * per_tile]
