@@ -26,7 +26,6 @@ A rerun resumes. Compare with GRID_OUT/eval (MODEL_CARD.md: 48.2 % overall, posi
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -43,10 +42,9 @@ def tiled_copy(source: Path, dest: Path, tiles: int) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoints"))
-    config_file = tmp / "vlm_config.json"
-    config = VLMConfig.from_dict(json.loads(config_file.read_text()), str(config_file))
+    config = VLMConfig.load(tmp)
     config.image_tiles = tiles
-    config_file.write_text(json.dumps(config.to_dict(), indent=1))
+    config.save(tmp)
     VLMProcessor.from_pretrained(tmp, config)  # refuses a tile count that does not divide the token grid
     tmp.rename(dest)
 
