@@ -130,6 +130,18 @@ def test_context_overflow_trims_old_turns_then_refuses(tiny_bundle, images):
     assert session.messages[-1]["role"] == "assistant"
 
 
+def test_overflow_message_counts_tile_names_as_image_tokens(tiny_parts, tmp_path, images):
+    from tests.conftest import build_tiny_bundle
+
+    model, processor = build_tiny_bundle(tiny_parts, tmp_path / "tiles", image_tiles=2)
+    per_image = len(processor.image_ids)
+    assert per_image > processor.num_image_tokens  # 16 image tokens plus the four names
+    session = ChatSession(model, processor, GenerationSettings(max_new_tokens=20))
+    with pytest.raises(ContextOverflowError, match=rf"\({2 * per_image} of them for images\) but the context holds 256"):
+        session.reply("what " * 400, images=list(images))
+    assert session.messages == []
+
+
 def test_bad_image_does_not_enter_history(tiny_bundle, tmp_path):
     from vlm_chat.errors import ImageError
 
