@@ -18,9 +18,11 @@ middle:", ... (`vlm-chat build --image-tiles 3`; SmolVLM does the same with
             order and settings as the grid run it is compared with)
   eval      `vlm-chat eval` on WORK's test files and the general-questions check, into
             OUT/eval, as `bench/aligned_grid.py` evaluates GRID_OUT/instruct
+  drill     the build's drill stage (the first after instruct) on a copy of WORK/drill.jsonl
+  drill-eval  the same evaluation of the drilled model, into OUT/eval_drill
 
 A rerun resumes. Compare with GRID_OUT/eval (MODEL_CARD.md: 48.2 % overall, position
-33.2 %, after instruct on the same bundle without tiles).
+33.2 %, after instruct on the same bundle without tiles) and GRID_OUT/eval_drill.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from training.default_model import GRID, BuildPaths, Recipe, _cli, evaluate_bund
 from vlm_chat.config import VLMConfig
 from vlm_chat.processor import VLMProcessor
 
-STEPS = ("tiles", "instruct", "eval")
+STEPS = ("tiles", "instruct", "eval", "drill", "drill-eval")
+EVALS = {"eval": ("instruct", "eval"), "drill-eval": ("drill", "eval_drill")}  # step: (bundle, its eval dir)
 
 
 def tiled_copy(source: Path, dest: Path, tiles: int) -> None:
@@ -59,28 +62,31 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     base, grid, out = Path(args.base), Path(args.grid), Path(args.out)
-    wanted = [base / "instruct.jsonl", base / "eval_triples.jsonl", base / "eval_captions.jsonl",
+    wanted = [base / "instruct.jsonl", base / "drill.jsonl", base / "eval_triples.jsonl", base / "eval_captions.jsonl",
               grid / "align" / "vlm_config.json"]
     missing = [str(path) for path in wanted if not path.is_file()]
     if missing:
         parser.error(f"not found: {', '.join(missing)}; run the build (--until mix) and bench/aligned_grid.py --until align")
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(base / "instruct.jsonl", out / "instruct.jsonl")
+    for name in ("instruct.jsonl", "drill.jsonl"):
+        shutil.copy2(base / name, out / name)
     recipe = replace(Recipe(seed=args.seed), **GRID, image_tiles=args.tiles)
     commands = stage_commands(BuildPaths(work=out, corpus=Path("unused"), clip="train", out=out / "unused"), recipe)
     finished = {"tiles": out / "align" / "vlm_config.json", "instruct": out / "instruct" / "vlm_config.json",
-                "eval": out / "eval" / "knowledge.json"}
+                "drill": out / "drill" / "vlm_config.json",
+                **{step: out / dest / "knowledge.json" for step, (_, dest) in EVALS.items()}}
     for step in STEPS:
         if finished[step].is_file():
             print(f"[{step}] done before, skipped", flush=True)
         elif step == "tiles":
             tiled_copy(grid / "align", out / "align", args.tiles)
             print(f"[tiles] {out / 'align'}: {grid / 'align'} with image_tiles {args.tiles}", flush=True)
-        elif step == "instruct":
-            _cli(commands["instruct"])
-        else:
-            hits = evaluate_bundle(out / "instruct", base, out / "eval", recipe.eval_batch_size)
+        elif step in EVALS:
+            bundle, dest = (out / name for name in EVALS[step])
+            hits = evaluate_bundle(bundle, base, dest, recipe.eval_batch_size)
             print(f"general questions, image attached: {hits['tuned_with_image']}", flush=True)
+        else:
+            _cli(commands[step])
         if step == args.until:
             break
 
