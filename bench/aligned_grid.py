@@ -40,10 +40,9 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from training.default_model import GRID, BuildPaths, Recipe, _cli, evaluate_bundle, stage_commands, write_clip_captions
+from training.default_model import GRID, BuildPaths, Recipe, _cli, run_bench_steps, stage_commands, write_clip_captions
 
 STEPS = ("clip", "bundle", "align", "instruct", "eval", "drill", "drill-eval")
-EVALS = {"eval": ("instruct", "eval"), "drill-eval": ("drill", "eval_drill")}  # step: (bundle, its eval dir)
 
 
 def main() -> None:
@@ -65,23 +64,13 @@ def main() -> None:
         shutil.copy2(base / name, out / name)
     recipe = replace(Recipe(seed=args.seed), **GRID)
     commands = stage_commands(BuildPaths(work=out, corpus=corpus, clip="train", out=out / "unused"), recipe)
-    finished = {"clip": out / "clip" / "final" / "config.json", "bundle": out / "bundle" / "vlm_config.json",
-                "align": out / "align" / "vlm_config.json", "instruct": out / "instruct" / "vlm_config.json",
-                "drill": out / "drill" / "vlm_config.json",
-                **{step: out / dest / "knowledge.json" for step, (_, dest) in EVALS.items()}}
-    for step in STEPS:
-        if step == "clip" and not finished["clip"].is_file():  # a finished CLIP needs its captions no more
-            print(write_clip_captions(corpus, out / "clip_captions.jsonl", recipe.clip_shape_copies, recipe.seed), flush=True)
-        if finished[step].is_file():  # each is written when its step ends
-            print(f"[{step}] done before, skipped", flush=True)
-        elif step in EVALS:
-            bundle, dest = (out / name for name in EVALS[step])
-            hits = evaluate_bundle(bundle, base, dest, recipe.eval_batch_size)
-            print(f"general questions, image attached: {hits['tuned_with_image']}", flush=True)
-        else:
-            _cli(commands[step])
-        if step == args.until:
-            break
+    clip_done = out / "clip" / "final" / "config.json"
+
+    def clip() -> None:
+        print(write_clip_captions(corpus, out / "clip_captions.jsonl", recipe.clip_shape_copies, recipe.seed), flush=True)
+        _cli(commands["clip"])
+
+    run_bench_steps(STEPS, args.until, out, base, recipe, commands, own={"clip": (clip_done, clip)})
 
 
 if __name__ == "__main__":

@@ -32,12 +32,11 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from training.default_model import GRID, BuildPaths, Recipe, _cli, evaluate_bundle, stage_commands
+from training.default_model import GRID, BuildPaths, Recipe, run_bench_steps, stage_commands
 from vlm_chat.config import VLMConfig
 from vlm_chat.processor import VLMProcessor
 
 STEPS = ("tiles", "instruct", "eval", "drill", "drill-eval")
-EVALS = {"eval": ("instruct", "eval"), "drill-eval": ("drill", "eval_drill")}  # step: (bundle, its eval dir)
 
 
 def tiled_copy(source: Path, dest: Path, tiles: int) -> None:
@@ -72,23 +71,12 @@ def main() -> None:
         shutil.copy2(base / name, out / name)
     recipe = replace(Recipe(seed=args.seed), **GRID, image_tiles=args.tiles)
     commands = stage_commands(BuildPaths(work=out, corpus=Path("unused"), clip="train", out=out / "unused"), recipe)
-    finished = {"tiles": out / "align" / "vlm_config.json", "instruct": out / "instruct" / "vlm_config.json",
-                "drill": out / "drill" / "vlm_config.json",
-                **{step: out / dest / "knowledge.json" for step, (_, dest) in EVALS.items()}}
-    for step in STEPS:
-        if finished[step].is_file():
-            print(f"[{step}] done before, skipped", flush=True)
-        elif step == "tiles":
-            tiled_copy(grid / "align", out / "align", args.tiles)
-            print(f"[tiles] {out / 'align'}: {grid / 'align'} with image_tiles {args.tiles}", flush=True)
-        elif step in EVALS:
-            bundle, dest = (out / name for name in EVALS[step])
-            hits = evaluate_bundle(bundle, base, dest, recipe.eval_batch_size)
-            print(f"general questions, image attached: {hits['tuned_with_image']}", flush=True)
-        else:
-            _cli(commands[step])
-        if step == args.until:
-            break
+
+    def tiles() -> None:
+        tiled_copy(grid / "align", out / "align", args.tiles)
+        print(f"[tiles] {out / 'align'}: {grid / 'align'} with image_tiles {args.tiles}", flush=True)
+
+    run_bench_steps(STEPS, args.until, out, base, recipe, commands, own={"tiles": (out / "align" / "vlm_config.json", tiles)})
 
 
 if __name__ == "__main__":

@@ -164,6 +164,26 @@ def test_the_shipped_clip_is_refused_for_a_recipe_that_reads_another_grid(corpus
     assert "clip" not in json.loads((paths.work / "state.json").read_text())["stages"]
 
 
+def test_bench_steps_resume_after_the_last_finished_step_and_stop_at_until(tmp_path, monkeypatch):
+    import training.default_model as default_model
+
+    ran = []
+    monkeypatch.setattr(default_model, "_cli", lambda command: ran.append(command[0]))
+    monkeypatch.setattr(default_model, "_bench_evaluate", lambda bundle, base, dest, recipe: ran.append(f"eval {bundle.name}"))
+    (tmp_path / "align").mkdir()
+    (tmp_path / "align" / "vlm_config.json").write_text("{}")  # align finished in an earlier run
+    (tmp_path / "prep.done").write_text("")
+    own = {"prep": (tmp_path / "prep.done", lambda: ran.append("prep")),
+           "tiles": (tmp_path / "tiles.done", lambda: ran.append("tiles"))}
+    commands = {"align": ["align"], "instruct": ["instruct"], "drill": ["drill"]}
+    steps = ("prep", "tiles", "align", "instruct", "eval", "drill", "drill-eval")
+    default_model.run_bench_steps(steps, "eval", tmp_path, tmp_path, Recipe(), commands, own=own)
+    assert ran == ["tiles", "instruct", "eval instruct"]  # prep and align were done; drill is past --until
+    ran.clear()
+    default_model.run_bench_steps(steps, "drill-eval", tmp_path, tmp_path, Recipe(), commands, own=own)
+    assert ran == ["tiles", "instruct", "eval instruct", "drill", "eval drill"]  # the fakes wrote no marker
+
+
 def test_a_recipe_change_reruns_from_the_first_stage_that_reads_it():
     from dataclasses import asdict
 

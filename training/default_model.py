@@ -51,7 +51,9 @@ import random
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from training.corpus.drawing import SHAPES
@@ -896,6 +898,38 @@ def evaluate_bundle(bundle: Path, data: Path, dest: Path, batch_size: int, basel
     return {k: f"{v['hits']}/{v['n']}" for k, v in result.items()}
 
 
+# The step runner of the experiments that rerun build stages (bench/aligned_grid.py,
+# bench/cell_tiles.py): each step once, in order, skipped when the file it writes last
+# exists, so a rerun resumes where the last one stopped.
+BENCH_EVALS = {"eval": ("instruct", "eval"), "drill-eval": ("drill", "eval_drill")}  # step: (bundle, its eval dir)
+
+
+def run_bench_steps(steps: tuple[str, ...], until: str, out: Path, base: Path, recipe: Recipe,
+                    commands: dict[str, list[str]], own: dict[str, tuple[Path, Callable[[], None]]] | None = None) -> None:
+    """Run `steps` up to `until` in OUT. A step in `own` is (the file it writes last, what runs
+    it); an eval step (BENCH_EVALS) evaluates its bundle on BASE's test files into OUT/<dir>;
+    any other is the build's command for it, done when OUT/<step>/vlm_config.json exists."""
+    for step in steps:
+        if step in (own or {}):
+            marker, run = own[step]
+        elif step in BENCH_EVALS:
+            bundle, dest = (out / name for name in BENCH_EVALS[step])
+            marker, run = dest / "knowledge.json", partial(_bench_evaluate, bundle, base, dest, recipe)
+        else:
+            marker, run = out / step / "vlm_config.json", partial(_cli, commands[step])
+        if marker.is_file():
+            print(f"[{step}] done before, skipped", flush=True)
+        else:
+            run()
+        if step == until:
+            break
+
+
+def _bench_evaluate(bundle: Path, base: Path, dest: Path, recipe: Recipe) -> None:
+    hits = evaluate_bundle(bundle, base, dest, recipe.eval_batch_size)
+    print(f"general questions, image attached: {hits['tuned_with_image']}", flush=True)
+
+
 # The recipe fields of the grid CLIP and its bundle (bench/aligned_grid.py): the scene read
 # at its own 96 px in 16 px patches, each 3x3 cell exactly 2x2 patches, one image token per
 # patch; more single-shape captions and no random crops for the CLIP.
@@ -1017,7 +1051,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     wanted = recipe_json(recipe)
     stages = state.setdefault("stages", {})
-    partial = state.setdefault("unfinished_seconds", {})  # stages that were interrupted, time spent so far
+    unfinished = state.setdefault("unfinished_seconds", {})  # stages that were interrupted, time spent so far
     w = paths.work
 
     def save_state() -> None:
@@ -1033,7 +1067,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         print(f"[{changed}] {reason}: {', '.join(stale)} run again", flush=True)
         for stage in stale:
             stages.pop(stage, None)
-            partial.pop(stage, None)
+            unfinished.pop(stage, None)
             for name in STAGE_OUTPUTS.get(stage, ()):
                 target = w / name
                 if target.is_dir():
@@ -1093,10 +1127,10 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
             try:
                 result = runners[stage]()
             except BaseException:  # killed or failed: the time spent so far still counts
-                partial[stage] = round(partial.get(stage, 0.0) + time.monotonic() - start, 1)
+                unfinished[stage] = round(unfinished.get(stage, 0.0) + time.monotonic() - start, 1)
                 save_state()
                 raise
-            spent = partial.pop(stage, 0.0) + time.monotonic() - start
+            spent = unfinished.pop(stage, 0.0) + time.monotonic() - start
             stages[stage] = {"seconds": round(spent, 1), "result": result}
             save_state()
             print(f"[{stage}] done in {stages[stage]['seconds']:.0f} s", flush=True)
