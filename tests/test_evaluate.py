@@ -8,7 +8,7 @@ from PIL import Image
 
 from cli.main import main
 from tests.conftest import build_tiny_bundle
-from training.evaluate import VQAItem, caption_scores, normalize_answer, vqa_scores, yes_no_scores
+from training.evaluate import VQAItem, caption_scores, comparison_table, normalize_answer, vqa_scores, yes_no_scores
 
 
 def test_normalisation():
@@ -42,6 +42,48 @@ def test_caption_scores_rank_the_better_caption_higher():
     good = caption_scores({"a": "a red circle on the left", "b": "two blue squares at the top"}, refs)
     bad = caption_scores({"a": "a green dog", "b": "a cat"}, refs)
     assert good["bleu4"] > 0.9 and good["cider"] > bad["cider"] and bad["bleu4"] < 0.1
+
+
+def test_comparison_table_marks_differences_over_two_standard_errors(tmp_path, capsys):
+    import pytest
+
+    def scores(accuracy, position, n_position, cider=None):
+        out = {"accuracy": accuracy, "n": 3000, "by_type": {"position": {"accuracy": position, "n": n_position}}}
+        if cider is not None:
+            out["captions"] = {"n": 400, "bleu4": 0.3, "cider": cider}
+        return out
+
+    table = comparison_table({"base": scores(0.5, 0.30, 400, 2.5), "new": scores(0.51, 0.40, 400, 2.4),
+                              "small": scores(0.5, 0.40, 40)})
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    # 0.30 -> 0.40 on 400 questions each: SE of the difference sqrt(.3*.7/400 + .4*.6/400) = 3.4 points.
+    assert "| +10.0 (SE 3.4) * |" in rows["- position"]
+    # The same gain on 40 questions is inside the noise (sqrt(.3*.7/400 + .4*.6/40) = 8.1): no mark.
+    assert rows["- position"].endswith("| +10.0 (SE 8.1) |")
+    assert "| +1.0 (SE 1.3) |" in rows["VQA accuracy"]  # 1 point on 3,000 questions: not marked
+    assert "| 2.500 | 2.400 | - | -0.100 | - |" in rows["captions CIDEr"]  # a run without captions shows "-"
+    with pytest.raises(ValueError):
+        comparison_table({"alone": scores(0.5, 0.3, 400)})
+    # The script reads eval folders, and says which one has no scores.
+    import sys
+
+    from bench.compare_evals import main as compare
+
+    for name, run in (("a", scores(0.5, 0.30, 400)), ("b", scores(0.5, 0.40, 400))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "scores.json").write_text(json.dumps(run))
+    (tmp_path / "b" / "knowledge.json").write_text(json.dumps({"tuned_with_image": {"hits": 6, "n": 8}}))
+    sys_argv = sys.argv
+    try:
+        sys.argv = ["compare_evals.py", str(tmp_path / "a"), str(tmp_path / "b"), "--names", "a", "b"]
+        assert compare() == 0
+        sys.argv = ["compare_evals.py", str(tmp_path / "a"), str(tmp_path / "missing")]
+        assert compare() == 2
+    finally:
+        sys.argv = sys_argv
+    out, err = capsys.readouterr()
+    assert "| measure | a | b | b - a |" in out and "| general questions, image attached | - | 6/8 |" in out
+    assert "missing: no scores.json" in err
 
 
 def test_eval_command(tiny_parts, tmp_path, capsys):

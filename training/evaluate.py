@@ -126,6 +126,60 @@ def markdown_table(scores: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(runs: dict[str, dict]) -> str:
+    """Markdown table of several runs' scores side by side (name: scores.json as `evaluate`
+    returns it), each run after the first with its difference to the first. Proportions
+    (accuracies, the "yes" share) also get the difference's standard error, unpaired, so it
+    overstates the noise when the runs answered the same questions; `*` marks a difference
+    over two of them. F1, BLEU-4 and CIDEr get the difference alone."""
+    names = list(runs)
+    if len(names) < 2:
+        raise ValueError("comparison_table needs two runs or more")
+    rows: list[tuple[str, list[tuple[float, int] | None], bool, str]] = []  # label, (value, n) per run, proportion, unit
+
+    def add(label: str, read, proportion: bool = True, unit: str = "%") -> None:
+        values = []
+        for scores in runs.values():
+            try:
+                values.append(read(scores))
+            except (KeyError, TypeError):
+                values.append(None)
+        if any(v is not None for v in values):
+            rows.append((label, values, proportion, unit))
+
+    add("VQA accuracy", lambda s: (s["accuracy"], s["n"]))
+    types = sorted({t for scores in runs.values() for t in scores.get("by_type", {})})
+    for name in types:
+        add(f"- {name}", lambda s, name=name: (s["by_type"][name]["accuracy"], s["by_type"][name]["n"]))
+    add("yes/no F1", lambda s: (s["yes_no"]["f1"], s["yes_no"]["n"]), proportion=False)
+    add("\"yes\" share", lambda s: (s["yes_no"]["yes_share"], s["yes_no"]["n"]))
+    add("true \"yes\" share", lambda s: (s["yes_no"]["true_yes_share"], s["yes_no"]["n"]), proportion=False)
+    add("captions BLEU-4", lambda s: (s["captions"]["bleu4"], s["captions"]["n"]), proportion=False, unit="")
+    add("captions CIDEr", lambda s: (s["captions"]["cider"], s["captions"]["n"]), proportion=False, unit="")
+
+    def show(value: float, unit: str, signed: bool = False) -> str:
+        sign = "+" if signed else ""
+        return f"{100 * value:{sign}.1f}" if unit == "%" else f"{value:{sign}.3f}"
+
+    header = ["measure", *names, *(f"{name} - {names[0]}" for name in names[1:])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, values, proportion, unit in rows:
+        cells = [label] + ["-" if v is None else f"{show(v[0], unit)}{' %' if unit else ''}" for v in values]
+        first = values[0]
+        for value in values[1:]:
+            if first is None or value is None:
+                cells.append("-")
+                continue
+            diff = value[0] - first[0]
+            cell = show(diff, unit, signed=True)
+            if proportion:
+                se = ((first[0] * (1 - first[0]) / first[1]) + (value[0] * (1 - value[0]) / value[1])) ** 0.5
+                cell += f" (SE {100 * se:.1f}){' *' if se and abs(diff) > 2 * se else ''}"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_by_type(scores: dict, path) -> None:
     import matplotlib
 
