@@ -64,6 +64,16 @@ def test_comparison_table_marks_differences_over_two_standard_errors(tmp_path, c
     assert "| 2.500 | 2.400 | - | -0.100 | - |" in rows["captions CIDEr"]  # a run without captions shows "-"
     with pytest.raises(ValueError):
         comparison_table({"alone": scores(0.5, 0.3, 400)})
+    # With both runs' answers to the same questions the error is paired: only the questions
+    # one got right and the other wrong count. Differences 0, 0, +1, 0: SE sqrt((.25 - .0625) / 4).
+    def answers(right):
+        return [{"file": "t.jsonl", "row": i, "question": f"q{i}", "type": "position", "correct": c} for i, c in enumerate(right)]
+
+    four = {"base": scores(0.5, 0.5, 4), "new": scores(0.75, 0.75, 4)}
+    paired = comparison_table(four, {"base": answers([1, 1, 0, 0]), "new": answers([1, 1, 1, 0])})
+    assert "| - position | 50.0 % | 75.0 % | +25.0 (pSE 21.7) |" in paired
+    unpaired = comparison_table(four, {"base": answers([1, 1, 0, 0])})  # one run's answers are not enough
+    assert "+25.0 (SE 33.1)" in unpaired  # sqrt(.5 * .5 / 4 + .75 * .25 / 4)
     # The script reads eval folders, and says which one has no scores.
     import sys
 

@@ -126,18 +126,24 @@ def markdown_table(scores: dict) -> str:
     return "\n".join(lines)
 
 
-def comparison_table(runs: dict[str, dict]) -> str:
+def comparison_table(runs: dict[str, dict], predictions: dict[str, list[dict]] | None = None) -> str:
     """Markdown table of several runs' scores side by side (name: scores.json as `evaluate`
     returns it), each run after the first with its difference to the first. Proportions
-    (accuracies, the "yes" share) also get the difference's standard error, unpaired, so it
-    overstates the noise when the runs answered the same questions; `*` marks a difference
-    over two of them. F1, BLEU-4 and CIDEr get the difference alone."""
+    (accuracies, the "yes" share) also get the difference's standard error, and `*` marks a
+    difference over two of them; F1, BLEU-4 and CIDEr get the difference alone.
+
+    The error is unpaired unless `predictions` (name: the rows of predictions.jsonl) holds
+    both runs' answers to the same questions: then an accuracy's error comes from the
+    questions one run got right and the other wrong (paired, "pSE"), which is tighter,
+    because most questions are easy or hard for both."""
     names = list(runs)
     if len(names) < 2:
         raise ValueError("comparison_table needs two runs or more")
-    rows: list[tuple[str, list[tuple[float, int] | None], bool, str]] = []  # label, (value, n) per run, proportion, unit
+    correct = {name: _correct_by_question(rows) for name, rows in (predictions or {}).items()}
+    rows: list[tuple[str, list[tuple[float, int] | None], bool, str, object]] = []
 
-    def add(label: str, read, proportion: bool = True, unit: str = "%") -> None:
+    def add(label: str, read, proportion: bool = True, unit: str = "%", kind: object = False) -> None:
+        """kind: False for a measure that is no accuracy, None for all questions, else a type."""
         values = []
         for scores in runs.values():
             try:
@@ -145,12 +151,12 @@ def comparison_table(runs: dict[str, dict]) -> str:
             except (KeyError, TypeError):
                 values.append(None)
         if any(v is not None for v in values):
-            rows.append((label, values, proportion, unit))
+            rows.append((label, values, proportion, unit, kind))
 
-    add("VQA accuracy", lambda s: (s["accuracy"], s["n"]))
+    add("VQA accuracy", lambda s: (s["accuracy"], s["n"]), kind=None)
     types = sorted({t for scores in runs.values() for t in scores.get("by_type", {})})
     for name in types:
-        add(f"- {name}", lambda s, name=name: (s["by_type"][name]["accuracy"], s["by_type"][name]["n"]))
+        add(f"- {name}", lambda s, name=name: (s["by_type"][name]["accuracy"], s["by_type"][name]["n"]), kind=name)
     add("yes/no F1", lambda s: (s["yes_no"]["f1"], s["yes_no"]["n"]), proportion=False)
     add("\"yes\" share", lambda s: (s["yes_no"]["yes_share"], s["yes_no"]["n"]))
     add("true \"yes\" share", lambda s: (s["yes_no"]["true_yes_share"], s["yes_no"]["n"]), proportion=False)
@@ -163,21 +169,46 @@ def comparison_table(runs: dict[str, dict]) -> str:
 
     header = ["measure", *names, *(f"{name} - {names[0]}" for name in names[1:])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, values, proportion, unit in rows:
+    for label, values, proportion, unit, kind in rows:
         cells = [label] + ["-" if v is None else f"{show(v[0], unit)}{' %' if unit else ''}" for v in values]
         first = values[0]
-        for value in values[1:]:
+        for name, value in zip(names[1:], values[1:]):
             if first is None or value is None:
                 cells.append("-")
                 continue
             diff = value[0] - first[0]
             cell = show(diff, unit, signed=True)
             if proportion:
-                se = ((first[0] * (1 - first[0]) / first[1]) + (value[0] * (1 - value[0]) / value[1])) ** 0.5
-                cell += f" (SE {100 * se:.1f}){' *' if se and abs(diff) > 2 * se else ''}"
+                paired = _paired_se(correct.get(names[0]), correct.get(name), kind, (first[1], value[1]))
+                if paired is not None:
+                    se, tag = paired, "pSE"
+                else:
+                    se, tag = ((first[0] * (1 - first[0]) / first[1]) + (value[0] * (1 - value[0]) / value[1])) ** 0.5, "SE"
+                cell += f" ({tag} {100 * se:.1f}){' *' if se and abs(diff) > 2 * se else ''}"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _correct_by_question(rows: list[dict]) -> dict[tuple, tuple[str, bool]]:
+    """(file, row, question): (type, answered right) of every question in predictions.jsonl."""
+    return {(r.get("file"), r.get("row"), r["question"]): (r.get("type") or "other", bool(r["correct"]))
+            for r in rows if "question" in r and "correct" in r}
+
+
+def _paired_se(a: dict | None, b: dict | None, kind: object, counts: tuple[int, int]) -> float | None:
+    """Standard error of b's accuracy minus a's over the same questions (of type `kind`, or all
+    for None), from the per-question differences; None unless both answered exactly the
+    questions their scores count."""
+    if a is None or b is None or kind is False:
+        return None
+    keys = [k for k, (t, _) in a.items() if kind is None or t == kind]
+    if not keys or len(keys) != counts[0] or counts[0] != counts[1] or any(k not in b for k in keys):
+        return None
+    d = [int(b[k][1]) - int(a[k][1]) for k in keys]
+    mean = sum(d) / len(d)
+    variance = sum(x * x for x in d) / len(d) - mean * mean
+    return (variance / len(d)) ** 0.5
 
 
 def plot_by_type(scores: dict, path) -> None:
