@@ -21,11 +21,11 @@ from pathlib import Path
 from training.evaluate import comparison_table
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", help="eval output folders, the baseline first")
     parser.add_argument("--names", nargs="+", help="a column name per folder (default: the folder paths)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     names = args.names or args.dirs
     if len(args.dirs) < 2 or len(names) != len(args.dirs):
         parser.error("give two eval folders or more, and as many --names as folders")

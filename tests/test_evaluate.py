@@ -75,22 +75,14 @@ def test_comparison_table_marks_differences_over_two_standard_errors(tmp_path, c
     unpaired = comparison_table(four, {"base": answers([1, 1, 0, 0])})  # one run's answers are not enough
     assert "+25.0 (SE 33.1)" in unpaired  # sqrt(.5 * .5 / 4 + .75 * .25 / 4)
     # The script reads eval folders, and says which one has no scores.
-    import sys
-
     from bench.compare_evals import main as compare
 
     for name, run in (("a", scores(0.5, 0.30, 400)), ("b", scores(0.5, 0.40, 400))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "scores.json").write_text(json.dumps(run))
     (tmp_path / "b" / "knowledge.json").write_text(json.dumps({"tuned_with_image": {"hits": 6, "n": 8}}))
-    sys_argv = sys.argv
-    try:
-        sys.argv = ["compare_evals.py", str(tmp_path / "a"), str(tmp_path / "b"), "--names", "a", "b"]
-        assert compare() == 0
-        sys.argv = ["compare_evals.py", str(tmp_path / "a"), str(tmp_path / "missing")]
-        assert compare() == 2
-    finally:
-        sys.argv = sys_argv
+    assert compare([str(tmp_path / "a"), str(tmp_path / "b"), "--names", "a", "b"]) == 0
+    assert compare([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
     out, err = capsys.readouterr()
     assert "| measure | a | b | b - a |" in out and "| general questions, image attached | - | 6/8 |" in out
     assert "missing: no scores.json" in err

@@ -22,6 +22,7 @@ NUMBER_WORDS = {
 }
 ARTICLES = {"a", "an", "the"}
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+UNTYPED = "untyped"  # the by_type key of questions without a `type`
 
 
 def normalize_answer(text: str) -> str:
@@ -47,7 +48,7 @@ def vqa_scores(items: list[VQAItem]) -> dict:
     hits = [i.correct for i in items]
     by_type: dict[str, list[bool]] = defaultdict(list)
     for item, hit in zip(items, hits):
-        by_type[item.type or "untyped"].append(hit)
+        by_type[item.type or UNTYPED].append(hit)
     scores = {
         "accuracy": sum(hits) / len(hits),
         "n": len(hits),
@@ -192,7 +193,7 @@ def comparison_table(runs: dict[str, dict], predictions: dict[str, list[dict]] |
 
 def _correct_by_question(rows: list[dict]) -> dict[tuple, tuple[str, bool]]:
     """(file, row, question): (type, answered right) of every question in predictions.jsonl."""
-    return {(r.get("file"), r.get("row"), r["question"]): (r.get("type") or "other", bool(r["correct"]))
+    return {(r.get("file"), r.get("row"), r["question"]): (r.get("type") or UNTYPED, bool(r["correct"]))
             for r in rows if "question" in r and "correct" in r}
 
 
