@@ -23,12 +23,13 @@ runs; a rerun resumes:
   instruct  the build's instruct stage on a copy of WORK/instruct.jsonl
   eval      `vlm-chat eval` on WORK/eval_triples.jsonl and WORK/eval_captions.jsonl, and the
             build's check of general questions with an image attached, into OUT/eval
-  drill     the build's drill stage (the first after instruct) on a copy of WORK/drill.jsonl
-            (its bf16 autocast becomes fp32 on a CPU without native bf16, as in any training run)
-  drill-eval  the same evaluation of the drilled model, into OUT/eval_drill
+  drill ... discern  the build's later stages, each on a copy of WORK/<stage>.jsonl (the
+            drill's bf16 autocast becomes fp32 on a CPU without native bf16, as in any
+            training run), with the same evaluation after drill, consolidate, recall,
+            recount, retint and discern, into OUT/eval_<stage>
 
 Same data, order and settings as the build's stages, so the results compare with the
-build's model after instruct and after drill (MODEL_CARD.md: 44.0 and 52.8 % overall).
+build's model after each of them (MODEL_CARD.md: 44.0 % overall after instruct, 52.8 % after drill).
 `python bench/clip_shapes.py --clip OUT/clip/final` and `vlm-chat eval-clip --clip
 OUT/clip/final --corpus DIR` measure the CLIP itself.
 """
@@ -36,32 +37,28 @@ OUT/clip/final --corpus DIR` measure the CLIP itself.
 from __future__ import annotations
 
 import argparse
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from training.default_model import GRID, BuildPaths, Recipe, _cli, run_bench_steps, stage_commands, write_clip_captions
+from training.default_model import (BENCH_LATER_STEPS, GRID, BuildPaths, Recipe, _cli, bench_inputs, run_bench_steps,
+                                    stage_commands, write_clip_captions)
 
-STEPS = ("clip", "bundle", "align", "instruct", "eval", "drill", "drill-eval")
+STEPS = ("clip", "bundle", "align", "instruct", "eval", *BENCH_LATER_STEPS)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="a default-model build's work dir: its align, instruct and eval files")
+    parser.add_argument("--base", required=True, help="a default-model build's work dir: its stage mixes and eval files")
     parser.add_argument("--corpus", required=True, help="that build's corpus dir")
     parser.add_argument("--out", required=True, help="folder for this experiment's runs")
     parser.add_argument("--until", choices=STEPS, default=STEPS[-1], help=f"last step to run (default {STEPS[-1]})")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     base, corpus, out = Path(args.base), Path(args.corpus), Path(args.out)
-    mixes = ["align.jsonl", "instruct.jsonl", "drill.jsonl"]
-    wanted = [*mixes, "eval_triples.jsonl", "eval_captions.jsonl"]
-    missing = [name for name in wanted if not (base / name).is_file()]
+    missing = [str(path) for path in bench_inputs(STEPS, args.until, base) if not path.is_file()]
     if missing:
-        parser.error(f"{base}: {', '.join(missing)} not found; run `vlm-chat default build --work {base} --until drill` first")
+        parser.error(f"not found: {', '.join(missing)}; run `vlm-chat default build --work {base}` first")
     out.mkdir(parents=True, exist_ok=True)
-    for name in mixes:
-        shutil.copy2(base / name, out / name)
     recipe = replace(Recipe(seed=args.seed), **GRID)
     commands = stage_commands(BuildPaths(work=out, corpus=corpus, clip="train", out=out / "unused"), recipe)
     clip_done = out / "clip" / "final" / "config.json"

@@ -18,11 +18,13 @@ middle:", ... (`vlm-chat build --image-tiles 3`; SmolVLM does the same with
             order and settings as the grid run it is compared with)
   eval      `vlm-chat eval` on WORK's test files and the general-questions check, into
             OUT/eval, as `bench/aligned_grid.py` evaluates GRID_OUT/instruct
-  drill     the build's drill stage (the first after instruct) on a copy of WORK/drill.jsonl
-  drill-eval  the same evaluation of the drilled model, into OUT/eval_drill
+  drill ... discern  the build's later stages, each on a copy of WORK/<stage>.jsonl,
+            with the same evaluation after drill, consolidate, recall, recount, retint
+            and discern, into OUT/eval_<stage> (`--until drill-eval` stops after the first)
 
 A rerun resumes. Compare with GRID_OUT/eval (MODEL_CARD.md: 48.2 % overall, position
-33.2 %, after instruct on the same bundle without tiles) and GRID_OUT/eval_drill.
+33.2 %, after instruct on the same bundle without tiles), GRID_OUT/eval_drill and the
+build's own evals (`python bench/compare_evals.py`).
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from training.default_model import GRID, BuildPaths, Recipe, run_bench_steps, stage_commands
+from training.default_model import BENCH_LATER_STEPS, GRID, BuildPaths, Recipe, bench_inputs, run_bench_steps, stage_commands
 from vlm_chat.config import VLMConfig
 from vlm_chat.processor import VLMProcessor
 
-STEPS = ("tiles", "instruct", "eval", "drill", "drill-eval")
+STEPS = ("tiles", "instruct", "eval", *BENCH_LATER_STEPS)
 
 
 def tiled_copy(source: Path, dest: Path, tiles: int) -> None:
@@ -53,7 +55,7 @@ def tiled_copy(source: Path, dest: Path, tiles: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="a default-model build's work dir: its instruct and eval files")
+    parser.add_argument("--base", required=True, help="a default-model build's work dir: its stage mixes and eval files")
     parser.add_argument("--grid", required=True, help="bench/aligned_grid.py's --out, with its align bundle")
     parser.add_argument("--out", required=True, help="folder for this experiment's runs")
     parser.add_argument("--tiles", type=int, default=3, help="tiles per side (default 3, the scenes' cells)")
@@ -61,14 +63,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     base, grid, out = Path(args.base), Path(args.grid), Path(args.out)
-    wanted = [base / "instruct.jsonl", base / "drill.jsonl", base / "eval_triples.jsonl", base / "eval_captions.jsonl",
-              grid / "align" / "vlm_config.json"]
+    wanted = [*bench_inputs(STEPS, args.until, base), grid / "align" / "vlm_config.json"]
     missing = [str(path) for path in wanted if not path.is_file()]
     if missing:
-        parser.error(f"not found: {', '.join(missing)}; run the build (--until mix) and bench/aligned_grid.py --until align")
+        parser.error(f"not found: {', '.join(missing)}; run the build and bench/aligned_grid.py --until align")
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("instruct.jsonl", "drill.jsonl"):
-        shutil.copy2(base / name, out / name)
     recipe = replace(Recipe(seed=args.seed), **GRID, image_tiles=args.tiles)
     commands = stage_commands(BuildPaths(work=out, corpus=Path("unused"), clip="train", out=out / "unused"), recipe)
 

@@ -165,23 +165,44 @@ def test_the_shipped_clip_is_refused_for_a_recipe_that_reads_another_grid(corpus
 
 
 def test_bench_steps_resume_after_the_last_finished_step_and_stop_at_until(tmp_path, monkeypatch):
+    import pytest
+
     import training.default_model as default_model
+    from vlm_chat.errors import UserFacingError
 
     ran = []
     monkeypatch.setattr(default_model, "_cli", lambda command: ran.append(command[0]))
     monkeypatch.setattr(default_model, "_bench_evaluate", lambda bundle, base, dest, recipe: ran.append(f"eval {bundle.name}"))
-    (tmp_path / "align").mkdir()
-    (tmp_path / "align" / "vlm_config.json").write_text("{}")  # align finished in an earlier run
-    (tmp_path / "prep.done").write_text("")
-    own = {"prep": (tmp_path / "prep.done", lambda: ran.append("prep")),
-           "tiles": (tmp_path / "tiles.done", lambda: ran.append("tiles"))}
-    commands = {"align": ["align"], "instruct": ["instruct"], "drill": ["drill"]}
-    steps = ("prep", "tiles", "align", "instruct", "eval", "drill", "drill-eval")
-    default_model.run_bench_steps(steps, "eval", tmp_path, tmp_path, Recipe(), commands, own=own)
+    base, out = tmp_path / "base", tmp_path / "out"
+    base.mkdir()
+    (out / "align").mkdir(parents=True)
+    (out / "align" / "vlm_config.json").write_text("{}")  # align finished in an earlier run
+    (out / "prep.done").write_text("")
+    own = {"prep": (out / "prep.done", lambda: ran.append("prep")),
+           "tiles": (out / "tiles.done", lambda: ran.append("tiles"))}
+    commands = {stage: [stage] for stage in default_model.TRAINING_STAGES}
+    steps = ("prep", "tiles", "align", "instruct", "eval", *default_model.BENCH_LATER_STEPS)
+    assert steps[5:9] == ("drill", "drill-eval", "review", "lone")
+    assert steps[-2:] == ("discern", "discern-eval")
+    for name in ("eval_triples.jsonl", "eval_captions.jsonl"):
+        (base / name).write_text("{}\n")
+    (base / "align.jsonl").write_text("{}\n")
+    (base / "instruct.jsonl").write_text('{"id": "instruct mix"}\n')
+    with pytest.raises(UserFacingError, match="drill.jsonl"):  # checked before anything runs
+        default_model.run_bench_steps(steps, "drill-eval", out, base, Recipe(), commands, own=own)
+    assert ran == []
+    default_model.run_bench_steps(steps, "eval", out, base, Recipe(), commands, own=own)
     assert ran == ["tiles", "instruct", "eval instruct"]  # prep and align were done; drill is past --until
+    assert (out / "instruct.jsonl").read_text() == '{"id": "instruct mix"}\n'  # trained on a copy of the base mix
+    assert not (out / "align.jsonl").exists()  # a finished stage is not touched
+    for stage in ("drill", "review", "lone", "consolidate"):
+        (base / f"{stage}.jsonl").write_text("{}\n")
     ran.clear()
-    default_model.run_bench_steps(steps, "drill-eval", tmp_path, tmp_path, Recipe(), commands, own=own)
-    assert ran == ["tiles", "instruct", "eval instruct", "drill", "eval drill"]  # the fakes wrote no marker
+    default_model.run_bench_steps(steps, "consolidate-eval", out, base, Recipe(), commands, own=own)
+    # the fakes wrote no marker, so every unfinished step runs again
+    assert ran == ["tiles", "instruct", "eval instruct", "drill", "eval drill", "review", "lone", "consolidate",
+                   "eval consolidate"]
+    assert default_model.BENCH_EVALS["drill-eval"] == ("drill", "eval_drill")  # where earlier runs wrote it
 
 
 def test_a_recipe_change_reruns_from_the_first_stage_that_reads_it():

@@ -33,6 +33,9 @@
             scenes of 2-6 objects, drawn from all of them (fewer than 3,500 are
             fresh by now: earlier mixes used them for other questions)
   retint    everything again, with replays of the tint, tally and crowd scenes
+  discern   naming: every object of 2,400 training scenes by its cell, "is there
+            ...?" about the shapes and garments of more scenes and about look-alikes
+            they lack, with replays of tint, tally and crowd (the shipped stage)
   eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
@@ -900,15 +903,38 @@ def evaluate_bundle(bundle: Path, data: Path, dest: Path, batch_size: int, basel
 
 # The step runner of the experiments that rerun build stages (bench/aligned_grid.py,
 # bench/cell_tiles.py): each step once, in order, skipped when the file it writes last
-# exists, so a rerun resumes where the last one stopped.
-BENCH_EVALS = {"eval": ("instruct", "eval"), "drill-eval": ("drill", "eval_drill")}  # step: (bundle, its eval dir)
+# exists, so a rerun resumes where the last one stopped. A training stage trains on a
+# copy of the base build's mix for it (same data and order as the build's model had),
+# and an eval follows the stages where MODEL_CARD.md reports the build's own model.
+BENCH_EVAL_AFTER = ("drill", "consolidate", "recall", "recount", "retint", "discern")
+BENCH_EVALS = {"eval": ("instruct", "eval"),  # step: (bundle, its eval dir)
+               **{f"{stage}-eval": (stage, f"eval_{stage}") for stage in BENCH_EVAL_AFTER}}
+BENCH_LATER_STEPS = tuple(step for stage in MIX_WRITERS
+                          for step in (stage, *((f"{stage}-eval",) if stage in BENCH_EVAL_AFTER else ())))
+
+
+def bench_inputs(steps: tuple[str, ...], until: str, base: Path) -> list[Path]:
+    """The files of the base build that `run_bench_steps` reads up to `until`: the test files
+    when an eval runs, and the mix of every training stage."""
+    wanted = []
+    for step in steps[:steps.index(until) + 1]:
+        if step in BENCH_EVALS:
+            wanted += [base / "eval_triples.jsonl", base / "eval_captions.jsonl"]
+        elif step in TRAINING_STAGES:
+            wanted.append(base / f"{step}.jsonl")
+    return list(dict.fromkeys(wanted))
 
 
 def run_bench_steps(steps: tuple[str, ...], until: str, out: Path, base: Path, recipe: Recipe,
                     commands: dict[str, list[str]], own: dict[str, tuple[Path, Callable[[], None]]] | None = None) -> None:
     """Run `steps` up to `until` in OUT. A step in `own` is (the file it writes last, what runs
     it); an eval step (BENCH_EVALS) evaluates its bundle on BASE's test files into OUT/<dir>;
-    any other is the build's command for it, done when OUT/<step>/vlm_config.json exists."""
+    any other is the build's command for it, on a copy of BASE/<step>.jsonl, done when
+    OUT/<step>/vlm_config.json exists."""
+    missing = [str(path) for path in bench_inputs(steps, until, base) if not path.is_file()]
+    if missing:
+        raise UserFacingError(f"not found: {', '.join(missing)}; the base build writes them "
+                              f"(`vlm-chat default build --work {base} --until {FINAL_STAGE}`)")
     for step in steps:
         if step in (own or {}):
             marker, run = own[step]
@@ -916,13 +942,19 @@ def run_bench_steps(steps: tuple[str, ...], until: str, out: Path, base: Path, r
             bundle, dest = (out / name for name in BENCH_EVALS[step])
             marker, run = dest / "knowledge.json", partial(_bench_evaluate, bundle, base, dest, recipe)
         else:
-            marker, run = out / step / "vlm_config.json", partial(_cli, commands[step])
+            marker, run = out / step / "vlm_config.json", partial(_bench_train, step, out, base, commands[step])
         if marker.is_file():
             print(f"[{step}] done before, skipped", flush=True)
         else:
             run()
         if step == until:
             break
+
+
+def _bench_train(stage: str, out: Path, base: Path, command: list[str]) -> None:
+    if stage in TRAINING_STAGES:
+        shutil.copy2(base / f"{stage}.jsonl", out / f"{stage}.jsonl")
+    _cli(command)
 
 
 def _bench_evaluate(bundle: Path, base: Path, dest: Path, recipe: Recipe) -> None:
