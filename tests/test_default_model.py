@@ -205,6 +205,21 @@ def test_bench_steps_resume_after_the_last_finished_step_and_stop_at_until(tmp_p
     assert default_model.BENCH_EVALS["drill-eval"] == ("drill", "eval_drill")  # where earlier runs wrote it
 
 
+def test_a_stage_interrupted_by_the_user_is_an_interrupt_and_a_failed_one_an_error(monkeypatch):
+    import pytest
+
+    import cli.main
+    from training.default_model import _cli
+    from vlm_chat.errors import UserFacingError
+
+    monkeypatch.setattr(cli.main, "main", lambda argv: 130)  # what `vlm-chat` returns on Ctrl-C
+    with pytest.raises(KeyboardInterrupt, match="run the same command again to resume"):
+        _cli(["train", "--stage", "instruct"])
+    monkeypatch.setattr(cli.main, "main", lambda argv: 2)
+    with pytest.raises(UserFacingError, match="failed \\(exit 2\\); fix the cause"):
+        _cli(["train", "--stage", "instruct"])
+
+
 def test_a_recipe_change_reruns_from_the_first_stage_that_reads_it():
     from dataclasses import asdict
 

@@ -799,6 +799,8 @@ def _cli(argv: list[str]) -> None:
 
     print("$ vlm-chat " + " ".join(argv), flush=True)
     code = main(argv)
+    if code == 130:  # interrupted (Ctrl-C, SIGINT): a training stage saved its checkpoint; not a failure
+        raise KeyboardInterrupt(f"`vlm-chat {argv[0]}` interrupted; run the same command again to resume")
     if code:
         raise UserFacingError(f"`vlm-chat {' '.join(argv)}` failed (exit {code}); fix the cause and run the build again")
 
