@@ -129,3 +129,29 @@ def test_cli_registers_corpus_build():
 
     args = build_parser().parse_args(["corpus", "build", "--out", "x", "--small", "--seed", "3"])
     assert args.seed == 3 and args.small and callable(args.func)
+
+
+def test_a_layout_row_gives_back_every_question_its_scene_supports():
+    import random
+
+    from training.corpus.build import _layout_row
+    from training.corpus.scenes import (
+        Holdouts, Item, Vocabulary, sample_scene, scene_from_layout, scene_questions, vocabulary_of,
+    )
+
+    vocab = Vocabulary({
+        "emoji": (Item("emoji", "1", "dog face", None, "dog face"), Item("emoji", "2", "red apple", None, "red apple")),
+        "clipart": (Item("clipart", "3", "bug", None, "bug"), Item("clipart", "4", "house", None, "house")),
+        "fashion": (Item("fashion", "5", "sneaker", None, "sneaker"), Item("fashion", "6", "coat", None, "coat")),
+    })
+    holdouts = Holdouts(shape_colors=(("circle", "red"),), counts=(("star", 3),))
+    for seed in range(40):
+        scene = sample_scene(random.Random(seed), vocab, holdouts, "train", canvas=96)
+        row = _layout_row(f"scene/{seed}.png", scene)
+        rebuilt = scene_from_layout(json.loads(json.dumps(row)))  # as read back from layouts_*.jsonl
+        # Sizes and offsets are not recorded; no question depends on them.
+        assert scene_questions(random.Random(seed), rebuilt, vocab) == scene_questions(random.Random(seed), scene, vocab)
+    rows = [_layout_row("a.png", sample_scene(random.Random(s), vocab, holdouts, "train", canvas=96)) for s in range(40)]
+    shown = vocabulary_of(rows)
+    assert "shape" not in shown.by_source  # shapes are named from the shape list, not from what scenes showed
+    assert {i.name for items in shown.by_source.values() for i in items} <= {i.name for items in vocab.by_source.values() for i in items}

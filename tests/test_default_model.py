@@ -14,8 +14,8 @@ from training.corpus import CorpusConfig, build_corpus
 from training.data import check_samples
 from training.default_model import (
     KNOWLEDGE_CHECK, SHIPPED_CLIP, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, lookalike_turns,
-    naming_turns, ship, write_consolidate, write_crowd, write_discern, write_drill, write_lone, write_mixes, write_recall,
-    write_recount, write_retint, write_review, write_tally, write_tint,
+    naming_turns, ship, survey_turns, write_consolidate, write_crowd, write_discern, write_drill, write_lone, write_mixes,
+    write_recall, write_recount, write_retint, write_review, write_survey, write_tally, write_tint,
 )
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
@@ -183,7 +183,7 @@ def test_bench_steps_resume_after_the_last_finished_step_and_stop_at_until(tmp_p
     commands = {stage: [stage] for stage in default_model.TRAINING_STAGES}
     steps = ("prep", "tiles", "align", "instruct", "eval", *default_model.BENCH_LATER_STEPS)
     assert steps[5:9] == ("drill", "drill-eval", "review", "lone")
-    assert steps[-2:] == ("discern", "discern-eval")
+    assert steps[-4:] == ("discern", "discern-eval", "survey", "survey-eval")
     for name in ("eval_triples.jsonl", "eval_captions.jsonl"):
         (base / name).write_text("{}\n")
     (base / "align.jsonl").write_text("{}\n")
@@ -592,6 +592,62 @@ def test_discern_names_objects_asks_about_lookalikes_and_keeps_every_skill(corpu
     shutil.copytree(tmp_path, again, ignore=lambda d, names: ["again", "discern.jsonl"])
     write_discern(corpus, again, CHAIN)
     assert (again / "discern.jsonl").read_bytes() == (tmp_path / "discern.jsonl").read_bytes()
+
+
+def test_a_survey_asks_every_count_colour_and_position_and_balanced_yes_no():
+    import random
+
+    from training.corpus.scenes import Holdouts, Item, Vocabulary
+
+    layout = {"objects": [
+        {"name": "blue circle", "kind": "shape", "color": "blue", "key": "circle", "count": 1, "cells": ["top left"]},
+        {"name": "green star", "kind": "shape", "color": "green", "key": "star", "count": 2, "cells": ["center", "bottom right"]},
+        {"name": "sneaker", "kind": "fashion", "color": None, "key": "sneaker", "count": 1, "cells": ["bottom middle"]}],
+        "word": None, "word_color": None}
+    vocab = Vocabulary({"fashion": (Item("fashion", "", "coat", None, "coat"), Item("fashion", "", "sneaker", None, "sneaker"))})
+    # Every colour of the square and the triangle held out: a "no" may never name one.
+    held = tuple((shape, color) for shape in ("square", "triangle")
+                 for color in ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"))
+    holdouts = Holdouts(shape_colors=held, counts=())
+    for seed in range(30):
+        turns = survey_turns(random.Random(seed), layout, vocab, holdouts)
+        answers = dict(turns)
+        assert len(answers) == len(turns)  # no question twice
+        counts = {q: a for q, a in turns if a.isdigit()}
+        assert set(counts.values()) >= {"1", "2", "4"}  # every kind counted (1 circle, 2 stars, 1 sneaker), and all 4
+        assert sorted(a for a in answers.values() if a in ("blue", "green")) == ["blue", "green"]
+        places = {a for a in answers.values() if a in ("top left", "bottom middle", "left", "right", "top", "bottom")}
+        assert {"top left", "bottom middle", "left", "top", "bottom"} <= places  # where, left/right and top/bottom of each single
+        present = [(q, a) for q, a in turns if a in ("yes", "no") and not q.startswith("Is the ")]
+        assert [a for _, a in present].count("yes") == [a for _, a in present].count("no") == 3
+        assert not any(f"{c} {s}" in q for q, a in present if a == "no" for s, c in held)
+        assert sum(q.startswith(("What is in the", "What object is at", "What can you see in")) for q, _ in turns) <= 2
+
+
+@needs_sources
+def test_survey_is_one_conversation_per_scene_with_captions_and_text_turns(corpus, tmp_path):
+    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
+    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    recipe = replace(SMALL, survey_scenes=7, survey_caption_singles=2)
+    counts = write_survey(corpus, tmp_path, recipe)
+    rows = _rows(tmp_path / "survey.jsonl")
+    good, problems = check_samples([tmp_path / "survey.jsonl"])
+    assert not problems and len(good) == len(rows)
+    kinds = [r["id"].split(":")[0] for r in rows]
+    assert {k: kinds.count(k) for k in set(kinds)} == {"survey": 7, "describe": 2, "text": 1}
+    scenes = [r for r in rows if r["id"].startswith("survey:")]
+    assert all("/images/train/scene/" in r["image"] for r in scenes)
+    assert counts == {"scenes": 7, "questions": sum(len(r["conversations"]) // 2 for r in scenes),
+                      "caption_singles": 2, "text_turns": 1}
+    layouts = {r["image"]: r for r in _rows(corpus / "layouts_train.jsonl")}
+    for r in scenes:  # more than the corpus asks of a scene: at least a count per kind, the total and a yes and a no
+        layout = layouts[str(Path(r["image"]).relative_to(corpus.resolve()))]
+        assert len(r["conversations"]) // 2 >= len(layout["objects"]) + 3
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy2(tmp_path / "text_turns.jsonl", again)
+    write_survey(corpus, again, recipe)
+    assert (again / "survey.jsonl").read_bytes() == (tmp_path / "survey.jsonl").read_bytes()
 
 
 @needs_sources

@@ -35,7 +35,11 @@
   retint    everything again, with replays of the tint, tally and crowd scenes
   discern   naming: every object of 2,400 training scenes by its cell, "is there
             ...?" about the shapes and garments of more scenes and about look-alikes
-            they lack, with replays of tint, tally and crowd (the shipped stage)
+            they lack, with replays of tint, tally and crowd
+  survey    every skill at once, densely: each of a few thousand training scenes is
+            one conversation asking everything its layout supports (every count,
+            colour and position, balanced yes/no, a few relations and names), where
+            the corpus asks at most 13; single-image captions and the text turns
   eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
@@ -60,13 +64,13 @@ from functools import partial
 from pathlib import Path
 
 from training.corpus.drawing import SHAPES
-from training.corpus.scenes import Item, ask
+from training.corpus.scenes import Holdouts, Item, ask, scene_from_layout, scene_questions, vocabulary_of
 from training.corpus.templates import article, counted
 from training.data import IMAGE
 from vlm_chat.errors import UserFacingError
 
 STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "review", "lone", "consolidate",
-          "crowd", "recall", "tally", "recount", "tint", "retint", "discern", "eval", "ship")
+          "crowd", "recall", "tally", "recount", "tint", "retint", "discern", "survey", "eval", "ship")
 SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "vlm_chat" / "assets" / "clip"
 
 
@@ -205,6 +209,14 @@ class Recipe:
     discern_crowd_replay: int = 400
     discern_caption_singles: int = 200
     discern: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
+    # The skill stages taught one skill at a time and each cost the others a little; the
+    # every-skill mixes asked at most 13 sampled questions per scene. survey asks each
+    # scene everything its layout supports, all skills interleaved in one conversation
+    # (about 20 answers per image: one image's cost buys many answers, and a scene's
+    # every object must be told apart from the others to answer them all).
+    survey_scenes: int = 3000  # drawn from all training scenes, as tint's were
+    survey_caption_singles: int = 200
+    survey: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
     eval_questions: int = 3000
     eval_caption_images: int = 400
     eval_batch_size: int = 32
@@ -237,6 +249,7 @@ STAGE_FIELDS = {
     "discern": ("seed", "discern_naming_scenes", "discern_lookalike_scenes", "discern_conversations", "discern_turns",
                 "discern_describe_share", "discern_tint_replay", "discern_tally_replay", "discern_crowd_replay",
                 "discern_caption_singles", "discern"),
+    "survey": ("seed", "survey_scenes", "survey_caption_singles", "survey"),
     "eval": ("eval_batch_size",),
     "ship": (),
 }
@@ -674,10 +687,59 @@ def write_discern(corpus: Path, work: Path, recipe: Recipe) -> dict:
          ("crowd", recipe.discern_crowd_replay)), recipe.discern_caption_singles)
 
 
+# How many questions of each type a survey conversation asks at most (None: all of
+# them); the presence questions are all the "yes" ones and as many "no" ones.
+SURVEY_LIMITS = {"count": None, "color": None, "position": None, "relation": 4, "object": 2, "read": 1}
+
+
+def holdouts_of(corpus: Path) -> Holdouts:
+    """The combinations the corpus kept out of training (its manifest.json)."""
+    held = json.loads((corpus / "manifest.json").read_text())["holdouts"]
+    return Holdouts(tuple(tuple(p) for p in held["shape_colors"]), tuple(tuple(p) for p in held["object_counts"]))
+
+
+def survey_turns(rng: random.Random, layout: dict, vocabulary, holdouts: Holdouts) -> list[tuple[str, str]]:
+    """Every question the scene's layout supports (`scene_questions`, up to SURVEY_LIMITS
+    per type; "is there ...?" balanced between yes and no, never naming a held-out pair),
+    in random order: all skills interleaved about one image."""
+    pools = scene_questions(rng, scene_from_layout(layout), vocabulary, holdouts)
+    yes, no = pools.pop("yes"), pools.pop("no")
+    n = min(len(yes), len(no))
+    turns = rng.sample(yes, n) + rng.sample(no, n)
+    for kind, limit in SURVEY_LIMITS.items():
+        pool = pools[kind]
+        turns += rng.sample(pool, len(pool) if limit is None else min(limit, len(pool)))
+    rng.shuffle(turns)
+    return turns
+
+
+def write_survey(corpus: Path, work: Path, recipe: Recipe) -> dict:
+    """survey.jsonl: `survey_scenes` training scenes (drawn from all of them), each one
+    conversation of `survey_turns`, with single-image captions and the text turns, shuffled."""
+    rng = random.Random(recipe.seed + 81)
+    root = corpus.resolve()
+
+    def image(n: str) -> str:
+        return str(root / n)
+
+    layouts = layouts_of(corpus, "train")
+    vocabulary = vocabulary_of(list(layouts.values()))
+    holdouts = holdouts_of(corpus)
+    drawn = rng.sample(sorted(layouts), min(recipe.survey_scenes, len(layouts)))
+    rows = [_conversation(f"survey:{n}", image(n), survey_turns(rng, layouts[n], vocabulary, holdouts)) for n in drawn]
+    singles = _single_captions(rng, _group(_read_jsonl(corpus / "captions_train.jsonl")), image,
+                               recipe.survey_caption_singles)
+    text = _read_jsonl(work / "text_turns.jsonl")
+    mixed = rows + singles + text
+    rng.shuffle(mixed)
+    _write_jsonl(work / "survey.jsonl", mixed)
+    return {"scenes": len(rows), "questions": _questions(rows), "caption_singles": len(singles), "text_turns": len(text)}
+
+
 # The stages that write their own data file before they train, in build order.
 MIX_WRITERS = {"drill": write_drill, "review": write_review, "lone": write_lone, "consolidate": write_consolidate,
                "crowd": write_crowd, "recall": write_recall, "tally": write_tally, "recount": write_recount,
-               "tint": write_tint, "retint": write_retint, "discern": write_discern}
+               "tint": write_tint, "retint": write_retint, "discern": write_discern, "survey": write_survey}
 # Every mix of the build that talks about training scenes, in build order, as (file in
 # WORK, id prefix of its scene conversations): a later mix takes scenes none before used.
 SCENE_MIXES = (("instruct_images.jsonl", "scene:"),
@@ -908,7 +970,7 @@ def evaluate_bundle(bundle: Path, data: Path, dest: Path, batch_size: int, basel
 # exists, so a rerun resumes where the last one stopped. A training stage trains on a
 # copy of the base build's mix for it (same data and order as the build's model had),
 # and an eval follows the stages where MODEL_CARD.md reports the build's own model.
-BENCH_EVAL_AFTER = ("drill", "consolidate", "recall", "recount", "retint", "discern")
+BENCH_EVAL_AFTER = ("drill", "consolidate", "recall", "recount", "retint", "discern", "survey")
 BENCH_EVALS = {"eval": ("instruct", "eval"),  # step: (bundle, its eval dir)
                **{f"{stage}-eval": (stage, f"eval_{stage}") for stage in BENCH_EVAL_AFTER}}
 BENCH_LATER_STEPS = tuple(step for stage in MIX_WRITERS
@@ -969,7 +1031,7 @@ def _bench_evaluate(bundle: Path, base: Path, dest: Path, recipe: Recipe) -> Non
 # patch; more single-shape captions and no random crops for the CLIP.
 GRID = {"clip_image_size": 96, "clip_patch_size": 16, "clip_shape_copies": 4, "clip_augment": False,
         "token_reduction": "none"}
-FINAL_STAGE = "discern"  # the training stage whose bundle is evaluated and shipped
+FINAL_STAGE = "survey"  # the training stage whose bundle is evaluated and shipped
 # The stages that train a bundle, in build order (each one's output is WORK/<stage>): align
 # and instruct on the files the mix stage wrote, every later one on its own mix.
 TRAINING_STAGES = ("align", "instruct", *MIX_WRITERS)

@@ -173,9 +173,33 @@ def sample_scene(rng: random.Random, vocab: Vocabulary, holdouts: Holdouts, spli
     return Scene(tuple(groups), rng.choice(WORDS), rng.choice(COLORS), word_row)
 
 
-def _absent_items(rng: random.Random, scene: Scene, vocab: Vocabulary, n: int) -> list[Item]:
+def scene_from_layout(layout: dict) -> Scene:
+    """The scene a corpus layout row (layouts_<split>.jsonl) records: what is in which cell.
+    Sizes, offsets and asset references are not recorded, and no question depends on them."""
+    cell_of = {name: rc for rc, name in CELL_NAMES.items()}
+    groups = tuple(
+        Group(Item(obj["kind"], "", obj["name"], obj["color"], obj["key"]),
+              tuple(Placement(*cell_of[cell], size=0, dx=0, dy=0) for cell in obj["cells"]))
+        for obj in layout["objects"]
+    )
+    return Scene(groups, layout.get("word"), layout.get("word_color"))
+
+
+def vocabulary_of(layouts: list[dict]) -> Vocabulary:
+    """The non-shape items `layouts` show, per source: what absent-item questions may name."""
+    by_source: dict[str, dict[str, Item]] = {}
+    for layout in layouts:
+        for obj in layout["objects"]:
+            if obj["kind"] != "shape":
+                by_source.setdefault(obj["kind"], {})[obj["name"]] = Item(obj["kind"], "", obj["name"], None, obj["key"])
+    return Vocabulary({source: tuple(items[name] for name in sorted(items)) for source, items in by_source.items()})
+
+
+def _absent_items(rng: random.Random, scene: Scene, vocab: Vocabulary, n: int,
+                  holdouts: Holdouts | None = None) -> list[Item]:
     """Items surely not in the scene: other shapes/colours, or same-source items
-    sharing no content word with anything present (no 'dog' when 'dog face' is there)."""
+    sharing no content word with anything present (no 'dog' when 'dog face' is there);
+    with `holdouts`, never a held-out shape and colour pair."""
     present = [g.item for g in scene.groups]
     sources = sorted({i.kind for i in present if i.kind != "shape"}) or ["emoji", "clipart", "fashion"]
     found: list[Item] = []
@@ -190,7 +214,9 @@ def _absent_items(rng: random.Random, scene: Scene, vocab: Vocabulary, n: int) -
             candidate.name == p.name or (candidate.kind != "shape" or p.kind != "shape") and candidate.words() & p.words()
             for p in present + found
         )
-        if not clash:
+        held_out = holdouts is not None and candidate.kind == "shape" and \
+            (candidate.key, candidate.color) in holdouts.shape_colors
+        if not clash and not held_out:
             found.append(candidate)
     return found
 
@@ -214,8 +240,30 @@ def describe_scene(rng: random.Random, scene: Scene, vocab: Vocabulary, n_captio
     templates = rng.sample(SCENE_CAPTIONS, k=min(n_captions, len(SCENE_CAPTIONS)))
     captions = [t.format(list=listed if i % 2 == 0 else placed) + word_part for i, t in enumerate(templates)]
 
-    qa: dict[str, list[tuple[str, str]]] = {t: [] for t in
-                                            ("count", "color", "position", "relation", "yesno", "object", "read")}
+    qa = scene_questions(rng, scene, vocab)
+    yes, no = qa.pop("yes"), qa.pop("no")
+    # Equal yes and no, so a model that always says "yes" scores 50%.
+    n = min(len(yes), len(no), 2)
+    qa["yesno"] = rng.sample(yes, n) + rng.sample(no, n)
+
+    per_type = {"count": 2, "color": 1, "position": 2, "relation": 2, "yesno": 4, "object": 1, "read": 1}
+    triples = []
+    for kind, limit in per_type.items():
+        pool = qa[kind]
+        for question, answer in rng.sample(pool, min(limit, len(pool))):
+            triples.append({"question": question, "answer": answer, "type": kind})
+    return captions, triples
+
+
+def scene_questions(rng: random.Random, scene: Scene, vocab: Vocabulary,
+                    holdouts: Holdouts | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Every (question, answer) the layout of `scene` supports, by type ("count", "color",
+    "position", "relation", "object", "read"), with the presence questions split into
+    "yes" (what is there) and "no" (as many absent items, which never name a held-out
+    shape and colour pair of `holdouts` when given). The corpus samples a few of each
+    type per scene; the default model's survey stage asks them all."""
+    groups = scene.groups
+    qa: dict[str, list[tuple[str, str]]] = {t: [] for t in ("count", "color", "position", "relation", "object", "read")}
     total = sum(g.count for g in groups)
     for g in groups:
         name = g.item.name
@@ -262,7 +310,7 @@ def describe_scene(rng: random.Random, scene: Scene, vocab: Vocabulary, n_captio
         if dists and len({name for d, name in dists if d == dists[0][0]}) == 1:
             qa["relation"].append((ask(rng, "nearest", name=a.item.name), article(dists[0][1])))
 
-    absent = _absent_items(rng, scene, vocab, n=len(groups))
+    absent = _absent_items(rng, scene, vocab, n=len(groups), holdouts=holdouts)
     yes = [(ask(rng, "present", a_name=article(g.item.name)), "yes") for g in groups]
     no = [(ask(rng, "present", a_name=article(i.name)), "no") for i in absent]
     if scene.word:
@@ -273,14 +321,4 @@ def describe_scene(rng: random.Random, scene: Scene, vocab: Vocabulary, n_captio
         no.append((ask(rng, "text_present"), "no"))
     if absent and rng.random() < 0.3:
         qa["count"].append((ask(rng, "count", plural=plural(absent[0].name)), "0"))
-    # Equal yes and no, so a model that always says "yes" scores 50%.
-    n = min(len(yes), len(no), 2)
-    qa["yesno"] = rng.sample(yes, n) + rng.sample(no, n)
-
-    per_type = {"count": 2, "color": 1, "position": 2, "relation": 2, "yesno": 4, "object": 1, "read": 1}
-    triples = []
-    for kind, limit in per_type.items():
-        pool = qa[kind]
-        for question, answer in rng.sample(pool, min(limit, len(pool))):
-            triples.append({"question": question, "answer": answer, "type": kind})
-    return captions, triples
+    return {**qa, "yes": yes, "no": no}
