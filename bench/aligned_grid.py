@@ -37,11 +37,13 @@ OUT/clip/final --corpus DIR` measure the CLIP itself.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 
-from training.default_model import (BENCH_LATER_STEPS, GRID, BuildPaths, Recipe, _cli, bench_inputs, run_bench_steps,
-                                    stage_commands, write_clip_captions)
+from training.default_model import (BENCH_LATER_STEPS, GRID, BuildPaths, Recipe, _cli, run_bench_steps, stage_commands,
+                                    write_clip_captions)
+from vlm_chat.errors import UserFacingError
 
 STEPS = ("clip", "bundle", "align", "instruct", "eval", *BENCH_LATER_STEPS)
 
@@ -55,10 +57,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     base, corpus, out = Path(args.base), Path(args.corpus), Path(args.out)
-    missing = [str(path) for path in bench_inputs(STEPS, args.until, base) if not path.is_file()]
-    if missing:
-        parser.error(f"not found: {', '.join(missing)}; run `vlm-chat default build --work {base}` first")
-    out.mkdir(parents=True, exist_ok=True)
     recipe = replace(Recipe(seed=args.seed), **GRID)
     commands = stage_commands(BuildPaths(work=out, corpus=corpus, clip="train", out=out / "unused"), recipe)
     clip_done = out / "clip" / "final" / "config.json"
@@ -67,7 +65,10 @@ def main() -> None:
         print(write_clip_captions(corpus, out / "clip_captions.jsonl", recipe.clip_shape_copies, recipe.seed), flush=True)
         _cli(commands["clip"])
 
-    run_bench_steps(STEPS, args.until, out, base, recipe, commands, own={"clip": (clip_done, clip)})
+    try:  # a missing input of the base build is named before anything runs
+        run_bench_steps(STEPS, args.until, out, base, recipe, commands, own={"clip": (clip_done, clip)})
+    except UserFacingError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -30,12 +30,14 @@ build's own evals (`python bench/compare_evals.py`).
 from __future__ import annotations
 
 import argparse
+import sys
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from training.default_model import BENCH_LATER_STEPS, GRID, BuildPaths, Recipe, bench_inputs, run_bench_steps, stage_commands
+from training.default_model import BENCH_LATER_STEPS, GRID, BuildPaths, Recipe, run_bench_steps, stage_commands
 from vlm_chat.config import VLMConfig
+from vlm_chat.errors import UserFacingError
 from vlm_chat.processor import VLMProcessor
 
 STEPS = ("tiles", "instruct", "eval", *BENCH_LATER_STEPS)
@@ -63,11 +65,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     base, grid, out = Path(args.base), Path(args.grid), Path(args.out)
-    wanted = [*bench_inputs(STEPS, args.until, base), grid / "align" / "vlm_config.json"]
-    missing = [str(path) for path in wanted if not path.is_file()]
-    if missing:
-        parser.error(f"not found: {', '.join(missing)}; run the build and bench/aligned_grid.py --until align")
-    out.mkdir(parents=True, exist_ok=True)
+    if not (grid / "align" / "vlm_config.json").is_file():
+        parser.error(f"not found: {grid / 'align' / 'vlm_config.json'}; run bench/aligned_grid.py --until align")
     recipe = replace(Recipe(seed=args.seed), **GRID, image_tiles=args.tiles)
     commands = stage_commands(BuildPaths(work=out, corpus=Path("unused"), clip="train", out=out / "unused"), recipe)
 
@@ -75,7 +74,11 @@ def main() -> None:
         tiled_copy(grid / "align", out / "align", args.tiles)
         print(f"[tiles] {out / 'align'}: {grid / 'align'} with image_tiles {args.tiles}", flush=True)
 
-    run_bench_steps(STEPS, args.until, out, base, recipe, commands, own={"tiles": (out / "align" / "vlm_config.json", tiles)})
+    try:  # a missing input of the base build is named before anything runs
+        run_bench_steps(STEPS, args.until, out, base, recipe, commands,
+                        own={"tiles": (out / "align" / "vlm_config.json", tiles)})
+    except UserFacingError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

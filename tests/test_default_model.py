@@ -190,7 +190,9 @@ def test_bench_steps_resume_after_the_last_finished_step_and_stop_at_until(tmp_p
     (base / "instruct.jsonl").write_text('{"id": "instruct mix"}\n')
     with pytest.raises(UserFacingError, match="drill.jsonl"):  # checked before anything runs
         default_model.run_bench_steps(steps, "drill-eval", out, base, Recipe(), commands, own=own)
-    assert ran == []
+    with pytest.raises(UserFacingError, match="drill.jsonl"):
+        default_model.run_bench_steps(steps, "drill-eval", tmp_path / "new", base, Recipe(), commands, own=own)
+    assert ran == [] and not (tmp_path / "new").exists()  # nothing ran, no folder was made
     default_model.run_bench_steps(steps, "eval", out, base, Recipe(), commands, own=own)
     assert ran == ["tiles", "instruct", "eval instruct"]  # prep and align were done; drill is past --until
     assert (out / "instruct.jsonl").read_text() == '{"id": "instruct mix"}\n'  # trained on a copy of the base mix

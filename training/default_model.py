@@ -999,6 +999,7 @@ def run_bench_steps(steps: tuple[str, ...], until: str, out: Path, base: Path, r
     if missing:
         raise UserFacingError(f"not found: {', '.join(missing)}; the base build writes them "
                               f"(`vlm-chat default build --work {base} --until {FINAL_STAGE}`)")
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be there
     for step in steps:
         if step in (own or {}):
             marker, run = own[step]
