@@ -214,7 +214,7 @@ class Recipe:
     # scene everything its layout supports, all skills interleaved in one conversation
     # (about 20 answers per image: one image's cost buys many answers, and a scene's
     # every object must be told apart from the others to answer them all).
-    survey_scenes: int = 3000  # drawn from all training scenes, as tint's were
+    survey_scenes: int = 4500  # drawn from all training scenes, as tint's were
     survey_caption_singles: int = 200
     survey: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
     eval_questions: int = 3000
