@@ -212,8 +212,9 @@ class Recipe:
     # The skill stages taught one skill at a time and each cost the others a little; the
     # every-skill mixes asked at most 13 sampled questions per scene. survey asks each
     # scene everything its layout supports, all skills interleaved in one conversation
-    # (about 20 answers per image: one image's cost buys many answers, and a scene's
-    # every object must be told apart from the others to answer them all).
+    # (13 answers per image on average, most of them about counts, colours and places,
+    # where a third of the corpus's sample is yes/no: every object of a scene has to be
+    # told apart from the others to answer them all).
     survey_scenes: int = 4500  # drawn from all training scenes, as tint's were
     survey_caption_singles: int = 200
     survey: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
