@@ -88,9 +88,11 @@ class Holdouts:
     counts: tuple[tuple[str, int], ...]  # (shape name or fashion class, count)
 
     def blocks(self, item: Item, count: int) -> bool:
-        if item.kind == "shape" and (item.key, item.color) in self.shape_colors:
-            return True
-        return (item.key, count) in self.counts
+        return self.holds_pair(item) or (item.key, count) in self.counts
+
+    def holds_pair(self, item: Item) -> bool:
+        """Whether `item` is a shape in a held-out colour (test only, whatever the count)."""
+        return item.kind == "shape" and (item.key, item.color) in self.shape_colors
 
 
 def choose_holdouts(rng: random.Random, fashion_classes: tuple[str, ...]) -> Holdouts:
@@ -214,9 +216,7 @@ def _absent_items(rng: random.Random, scene: Scene, vocab: Vocabulary, n: int,
             candidate.name == p.name or (candidate.kind != "shape" or p.kind != "shape") and candidate.words() & p.words()
             for p in present + found
         )
-        held_out = holdouts is not None and candidate.kind == "shape" and \
-            (candidate.key, candidate.color) in holdouts.shape_colors
-        if not clash and not held_out:
+        if not clash and not (holdouts is not None and holdouts.holds_pair(candidate)):
             found.append(candidate)
     return found
 
