@@ -404,6 +404,16 @@ def _scene_conversations(
     return rows
 
 
+def _write_with_text_turns(work: Path, name: str, rng: random.Random, rows: list[dict]) -> int:
+    """WORK/<name>.jsonl: `rows` and the distilled text turns (WORK/text_turns.jsonl), shuffled;
+    returns how many text turns went in."""
+    text = _read_jsonl(work / "text_turns.jsonl")
+    mixed = rows + text
+    rng.shuffle(mixed)
+    _write_jsonl(work / f"{name}.jsonl", mixed)
+    return len(text)
+
+
 def _used_scenes(work: Path, mixes: tuple[tuple[str, str], ...]) -> set[str]:
     """Corpus names of the scenes earlier mixes (file, id prefix) already talked about."""
     return {row["id"].removeprefix(prefix) for file, prefix in mixes for row in _read_jsonl(work / file)
@@ -426,12 +436,9 @@ def _write_fresh_scene_mix(
     rows = _scene_conversations(rng, name, fresh, triples, captions, image, conversations, turns, describe_share)
     scenes = len(rows)
     rows += _single_captions(rng, captions, image, caption_singles)
-    text = _read_jsonl(work / "text_turns.jsonl")
-    mixed = rows + text
-    rng.shuffle(mixed)
-    _write_jsonl(work / f"{name}.jsonl", mixed)
+    text = _write_with_text_turns(work, name, rng, rows)
     return {"scene_conversations": scenes, "questions": sum(len(r["conversations"]) // 2 for r in rows[:scenes]),
-            "caption_singles": len(rows) - scenes, "text_turns": len(text), "fresh_scenes": len(fresh)}
+            "caption_singles": len(rows) - scenes, "text_turns": text, "fresh_scenes": len(fresh)}
 
 
 def _mixes_before(name: str) -> tuple[tuple[str, str], ...]:
@@ -524,13 +531,10 @@ def _write_every_skill_mix(corpus: Path, work: Path, name: str, rng: random.Rand
         again[mix] = rng.sample(earlier, min(n, len(earlier)))
         present |= {r["id"] for r in again[mix]}
     singles = _single_captions(rng, captions, image, caption_singles)
-    text = _read_jsonl(work / "text_turns.jsonl")
-    mixed = rows + extra + [r for part in again.values() for r in part] + singles + text
-    rng.shuffle(mixed)
-    _write_jsonl(work / f"{name}.jsonl", mixed)
+    text = _write_with_text_turns(work, name, rng, rows + extra + [r for part in again.values() for r in part] + singles)
     return {"scene_conversations": len(rows), "scene_questions": _questions(rows),
             **{f"{mix}_replay": len(part) for mix, part in again.items()},
-            "caption_singles": len(singles), "text_turns": len(text), "fresh_scenes": len(fresh),
+            "caption_singles": len(singles), "text_turns": text, "fresh_scenes": len(fresh),
             **extra_counts}
 
 
@@ -730,11 +734,8 @@ def write_survey(corpus: Path, work: Path, recipe: Recipe) -> dict:
     rows = [_conversation(f"survey:{n}", image(n), survey_turns(rng, layouts[n], vocabulary, holdouts)) for n in drawn]
     singles = _single_captions(rng, _group(_read_jsonl(corpus / "captions_train.jsonl")), image,
                                recipe.survey_caption_singles)
-    text = _read_jsonl(work / "text_turns.jsonl")
-    mixed = rows + singles + text
-    rng.shuffle(mixed)
-    _write_jsonl(work / "survey.jsonl", mixed)
-    return {"scenes": len(rows), "questions": _questions(rows), "caption_singles": len(singles), "text_turns": len(text)}
+    text = _write_with_text_turns(work, "survey", rng, rows + singles)
+    return {"scenes": len(rows), "questions": _questions(rows), "caption_singles": len(singles), "text_turns": text}
 
 
 # The stages that write their own data file before they train, in build order.
