@@ -15,7 +15,7 @@ from training.data import check_samples
 from training.default_model import (
     KNOWLEDGE_CHECK, SHIPPED_CLIP, BuildPaths, Recipe, build_default, distill_prompts, distill_text_turns, lookalike_turns,
     naming_turns, ship, survey_turns, write_consolidate, write_crowd, write_discern, write_drill, write_lone, write_mixes,
-    write_recall, write_recount, write_retint, write_review, write_survey, write_tally, write_tint,
+    write_recall, write_recount, write_resurvey, write_retint, write_review, write_survey, write_tally, write_tint,
 )
 
 SMALL = Recipe(align_images=30, instruct_conversations=20, caption_singles=5, eval_questions=25, eval_caption_images=6)
@@ -183,7 +183,7 @@ def test_bench_steps_resume_after_the_last_finished_step_and_stop_at_until(tmp_p
     commands = {stage: [stage] for stage in default_model.TRAINING_STAGES}
     steps = ("prep", "tiles", "align", "instruct", "eval", *default_model.BENCH_LATER_STEPS)
     assert steps[5:9] == ("drill", "drill-eval", "review", "lone")
-    assert steps[-4:] == ("discern", "discern-eval", "survey", "survey-eval")
+    assert steps[-6:] == ("discern", "discern-eval", "survey", "survey-eval", "resurvey", "resurvey-eval")
     for name in ("eval_triples.jsonl", "eval_captions.jsonl"):
         (base / name).write_text("{}\n")
     (base / "align.jsonl").write_text("{}\n")
@@ -624,6 +624,11 @@ def test_a_survey_asks_every_count_colour_and_position_and_balanced_yes_no():
         assert [a for _, a in present].count("yes") == [a for _, a in present].count("no") == 3
         assert not any(f"{c} {s}" in q for q, a in present if a == "no" for s, c in held)
         assert sum(q.startswith(("What is in the", "What object is at", "What can you see in")) for q, _ in turns) <= 2
+        # resurvey's skew: half again as many absent things (3 present here: round(4.5) = 4 absent)
+        skewed = survey_turns(random.Random(seed), layout, vocab, holdouts, no_per_yes=1.5)
+        present = [(q, a) for q, a in skewed if a in ("yes", "no") and not q.startswith("Is the ")]
+        assert ([a for _, a in present].count("yes"), [a for _, a in present].count("no")) == (3, 4)
+        assert {q for q, a in skewed if a.isdigit()} == set(counts)  # every count question still asked
 
 
 @needs_sources
@@ -650,6 +655,26 @@ def test_survey_is_one_conversation_per_scene_with_captions_and_text_turns(corpu
     shutil.copy2(tmp_path / "text_turns.jsonl", again)
     write_survey(corpus, again, recipe)
     assert (again / "survey.jsonl").read_bytes() == (tmp_path / "survey.jsonl").read_bytes()
+
+
+@needs_sources
+def test_resurvey_asks_only_scenes_survey_did_not(corpus, tmp_path):
+    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
+    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    train_scenes = [r["image"] for r in _rows(corpus / "layouts_train.jsonl")]
+    recipe = replace(SMALL, survey_scenes=len(train_scenes) - 3, survey_caption_singles=0,
+                     resurvey_scenes=7, resurvey_caption_singles=1)
+    write_survey(corpus, tmp_path, recipe)
+    counts = write_resurvey(corpus, tmp_path, recipe)
+    surveyed = {r["image"] for r in _rows(tmp_path / "survey.jsonl") if r["id"].startswith("survey:")}
+    rows = _rows(tmp_path / "resurvey.jsonl")
+    scenes = [r for r in rows if r["id"].startswith("resurvey:")]
+    root = str(corpus.resolve())
+    # only the 3 scenes survey left are there to ask about: it takes those, none twice
+    assert sorted(r["image"] for r in scenes) == sorted(f"{root}/{n}" for n in train_scenes if f"{root}/{n}" not in surveyed)
+    assert counts["scenes"] == 3 and counts["caption_singles"] == 1 and counts["text_turns"] == 1
+    good, problems = check_samples([tmp_path / "resurvey.jsonl"])
+    assert not problems and len(good) == len(rows)
 
 
 @needs_sources

@@ -317,7 +317,7 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
                        help="train the CLIP from scratch (default, about an hour) or take vlm_chat/assets/clip")
     build.add_argument("--out", help="where the finished model goes (default vlm_chat/assets/default)")
     build.add_argument("--until", help="stop after this stage (one of: corpus, clip, bundle, mix, distill, align, "
-                       "instruct, drill, review, lone, consolidate, crowd, recall, tally, recount, tint, retint, discern, survey, "
+                       "instruct, drill, review, lone, consolidate, crowd, recall, tally, recount, tint, retint, discern, survey, resurvey, "
                        "eval, ship)")
     build.add_argument("--from-shipped", action="store_true",
                        help="go on from the model in --out (as shipped, with its recipe.json) instead of from nothing: "
