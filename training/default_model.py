@@ -732,9 +732,9 @@ def survey_turns(rng: random.Random, layout: dict, vocabulary, holdouts: Holdout
     return turns
 
 
-def _write_survey_mix(corpus: Path, work: Path, name: str, rng: random.Random, scenes: int, unused: set[str],
+def _write_survey_mix(corpus: Path, work: Path, name: str, rng: random.Random, scenes: int, used: set[str],
                       no_per_yes: float, caption_singles: int) -> dict:
-    """WORK/<name>.jsonl: `scenes` training scenes outside `unused`, each one conversation
+    """WORK/<name>.jsonl: `scenes` training scenes outside `used`, each one conversation
     of `survey_turns`, with single-image captions and the text turns, shuffled."""
     root = corpus.resolve()
 
@@ -744,7 +744,7 @@ def _write_survey_mix(corpus: Path, work: Path, name: str, rng: random.Random, s
     layouts = layouts_of(corpus, "train")
     vocabulary = vocabulary_of(list(layouts.values()))
     holdouts = holdouts_of(corpus)
-    pool = sorted(set(layouts) - unused)
+    pool = sorted(set(layouts) - used)
     drawn = rng.sample(pool, min(scenes, len(pool)))
     rows = [_conversation(f"{name}:{n}", image(n), survey_turns(rng, layouts[n], vocabulary, holdouts, no_per_yes))
             for n in drawn]
