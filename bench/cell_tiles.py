@@ -20,7 +20,10 @@ middle:", ... (`vlm-chat build --image-tiles 3`; SmolVLM does the same with
             OUT/eval, as `bench/aligned_grid.py` evaluates GRID_OUT/instruct
   drill ... discern  the build's later stages, each on a copy of WORK/<stage>.jsonl,
             with the same evaluation after drill, consolidate, recall, recount, retint
-            and discern, into OUT/eval_<stage> (`--until drill-eval` stops after the first)
+            and discern, into OUT/eval_<stage> (`--until drill-eval` stops after the first);
+            `--skip review,lone,...` leaves stages out, each next one going on from the
+            bundle of the last one run (a shorter chain: `--skip` every stage between
+            drill and survey runs instruct, drill, survey and resurvey)
 
 A rerun resumes. Compare with GRID_OUT/eval (MODEL_CARD.md: 48.2 % overall, position
 33.2 %, after instruct on the same bundle without tiles), GRID_OUT/eval_drill and the
@@ -35,7 +38,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from training.default_model import BENCH_LATER_STEPS, GRID, BuildPaths, Recipe, run_bench_steps, stage_commands
+from training.default_model import (BENCH_LATER_STEPS, GRID, MIX_WRITERS, BuildPaths, Recipe, bench_later_steps,
+                                    run_bench_steps, stage_commands)
 from vlm_chat.config import VLMConfig
 from vlm_chat.errors import UserFacingError
 from vlm_chat.processor import VLMProcessor
@@ -62,20 +66,29 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for this experiment's runs")
     parser.add_argument("--tiles", type=int, default=3, help="tiles per side (default 3, the scenes' cells)")
     parser.add_argument("--until", choices=STEPS, default=STEPS[-1], help=f"last step to run (default {STEPS[-1]})")
+    parser.add_argument("--skip", default="", metavar="STAGE,...",
+                        help=f"later stages to leave out, comma-separated (of: {', '.join(MIX_WRITERS)})")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    skip = tuple(stage for stage in args.skip.split(",") if stage)
+    steps = ("tiles", "instruct", "eval", *bench_later_steps(skip))
+    if args.until not in steps:
+        parser.error(f"--until {args.until}: that step is skipped (--skip {args.skip})")
     base, grid, out = Path(args.base), Path(args.grid), Path(args.out)
     if not (grid / "align" / "vlm_config.json").is_file():
         parser.error(f"not found: {grid / 'align' / 'vlm_config.json'}; run bench/aligned_grid.py --until align")
     recipe = replace(Recipe(seed=args.seed), **GRID, image_tiles=args.tiles)
-    commands = stage_commands(BuildPaths(work=out, corpus=Path("unused"), clip="train", out=out / "unused"), recipe)
+    try:
+        commands = stage_commands(BuildPaths(work=out, corpus=Path("unused"), clip="train", out=out / "unused"), recipe, skip)
+    except UserFacingError as error:
+        parser.error(str(error))
 
     def tiles() -> None:
         tiled_copy(grid / "align", out / "align", args.tiles)
         print(f"[tiles] {out / 'align'}: {grid / 'align'} with image_tiles {args.tiles}", flush=True)
 
     try:  # a missing input of the base build is named before anything runs
-        run_bench_steps(STEPS, args.until, out, base, recipe, commands,
+        run_bench_steps(steps, args.until, out, base, recipe, commands,
                         own={"tiles": (out / "align" / "vlm_config.json", tiles)})
     except UserFacingError as error:
         sys.exit(f"error: {error}")

@@ -983,3 +983,25 @@ def test_skill_alone_reuse_draws_from_the_scenes_the_build_used_too(corpus, tmp_
     images = {r["image"] for r in _rows(tmp_path / "every" / "train.jsonl")}
     assert every["train_scenes"] == len(images) > fresh["train_scenes"] > 0
     assert images & used and images >= {r["image"] for r in _rows(tmp_path / "fresh" / "train.jsonl")}
+
+
+def test_a_skipped_stage_is_left_out_and_the_next_one_goes_on_from_the_last_one_run():
+    import pytest
+
+    from training.default_model import BuildPaths, bench_later_steps, stage_commands
+    from vlm_chat.errors import UserFacingError
+
+    def model_of(command: list[str]) -> str:
+        return command[command.index("--model") + 1]
+
+    paths = BuildPaths(work=Path("/w"), corpus=Path("/c"), clip="shipped", out=Path("/o"))
+    between = ("review", "lone", "consolidate", "crowd", "recall", "tally", "recount", "tint", "retint", "discern")
+    full, short = stage_commands(paths, Recipe()), stage_commands(paths, Recipe(), skip=between)
+    assert model_of(full["survey"]) == "/w/discern" and model_of(short["survey"]) == "/w/drill"
+    assert model_of(short["drill"]) == model_of(full["drill"]) == "/w/instruct"
+    assert model_of(short["resurvey"]) == "/w/survey"
+    assert not set(between) & set(short)
+    assert short["survey"][short["survey"].index("--data") + 1] == "/w/survey.jsonl"  # its own mix still
+    assert bench_later_steps(between) == ("drill", "drill-eval", "survey", "survey-eval", "resurvey", "resurvey-eval")
+    with pytest.raises(UserFacingError, match="cannot skip align, instruct: only the stages after instruct"):
+        stage_commands(paths, Recipe(), skip=("align", "instruct"))

@@ -953,9 +953,16 @@ def clip_command(corpus: Path, out: Path, recipe: Recipe) -> list[str]:
     ]
 
 
-def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
-    """The CLI command each training stage runs (also printed, so any one can be rerun by hand)."""
+def stage_commands(paths: BuildPaths, recipe: Recipe, skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """The CLI command each training stage runs (also printed, so any one can be rerun by hand).
+    A later stage in `skip` (one with its own mix) is left out: the next one goes on from the
+    bundle of the last stage before it."""
     w = paths.work
+    unknown = [stage for stage in skip if stage not in MIX_WRITERS]
+    if unknown:
+        raise UserFacingError(f"cannot skip {', '.join(unknown)}: only the stages after instruct can be "
+                              f"skipped ({', '.join(MIX_WRITERS)})")
+    chain = [stage for stage in TRAINING_STAGES if stage not in skip]
 
     def train(kind: str, stage: str, after: str, settings: dict) -> list[str]:
         """`vlm-chat train` of one stage: from the bundle `after` left, on WORK/<stage>.jsonl."""
@@ -974,7 +981,7 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
         "instruct": train("instruct", "instruct", after="align", settings=recipe.instruct),
         # each stage with its own mix goes on from the bundle the training stage before it left
         **{stage: train("instruct", stage, after=before, settings=getattr(recipe, stage))
-           for before, stage in zip(TRAINING_STAGES[1:], TRAINING_STAGES[2:])},
+           for before, stage in zip(chain[1:], chain[2:])},
         "eval": eval_command(w / FINAL_STAGE, w, w / "eval", recipe.eval_batch_size),
     }
 
@@ -1005,8 +1012,15 @@ def evaluate_bundle(bundle: Path, data: Path, dest: Path, batch_size: int, basel
 BENCH_EVAL_AFTER = ("drill", "consolidate", "recall", "recount", "retint", "discern", "survey", "resurvey")
 BENCH_EVALS = {"eval": ("instruct", "eval"),  # step: (bundle, its eval dir)
                **{f"{stage}-eval": (stage, f"eval_{stage}") for stage in BENCH_EVAL_AFTER}}
-BENCH_LATER_STEPS = tuple(step for stage in MIX_WRITERS
-                          for step in (stage, *((f"{stage}-eval",) if stage in BENCH_EVAL_AFTER else ())))
+
+
+def bench_later_steps(skip: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The steps after instruct's eval: each later stage not in `skip`, and its eval if it has one."""
+    return tuple(step for stage in MIX_WRITERS if stage not in skip
+                 for step in (stage, *((f"{stage}-eval",) if stage in BENCH_EVAL_AFTER else ())))
+
+
+BENCH_LATER_STEPS = bench_later_steps()
 
 
 def bench_inputs(steps: tuple[str, ...], until: str, base: Path) -> list[Path]:
