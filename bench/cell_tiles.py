@@ -75,8 +75,6 @@ def main() -> None:
     if args.until not in steps:
         parser.error(f"--until {args.until}: that step is skipped (--skip {args.skip})")
     base, grid, out = Path(args.base), Path(args.grid), Path(args.out)
-    if not (grid / "align" / "vlm_config.json").is_file():
-        parser.error(f"not found: {grid / 'align' / 'vlm_config.json'}; run bench/aligned_grid.py --until align")
     recipe = replace(Recipe(seed=args.seed), **GRID, image_tiles=args.tiles)
     try:
         commands = stage_commands(BuildPaths(work=out, corpus=Path("unused"), clip="train", out=out / "unused"), recipe, skip)
@@ -84,6 +82,8 @@ def main() -> None:
         parser.error(str(error))
 
     def tiles() -> None:
+        if not (grid / "align" / "vlm_config.json").is_file():
+            raise UserFacingError(f"not found: {grid / 'align' / 'vlm_config.json'}; run bench/aligned_grid.py --until align")
         tiled_copy(grid / "align", out / "align", args.tiles)
         print(f"[tiles] {out / 'align'}: {grid / 'align'} with image_tiles {args.tiles}", flush=True)
 

@@ -194,7 +194,9 @@ def test_bench_steps_resume_after_the_last_finished_step_and_stop_at_until(tmp_p
         default_model.run_bench_steps(steps, "drill-eval", tmp_path / "new", base, Recipe(), commands, own=own)
     assert ran == [] and not (tmp_path / "new").exists()  # nothing ran, no folder was made
     default_model.run_bench_steps(steps, "eval", out, base, Recipe(), commands, own=own)
-    assert ran == ["tiles", "instruct", "eval instruct"]  # prep and align were done; drill is past --until
+    # align was done, so everything before it was (tiles had run, or its output came with align's);
+    # drill is past --until
+    assert ran == ["instruct", "eval instruct"]
     assert (out / "instruct.jsonl").read_text() == '{"id": "instruct mix"}\n'  # trained on a copy of the base mix
     assert not (out / "align.jsonl").exists()  # a finished stage is not touched
     for stage in ("drill", "review", "lone", "consolidate"):
@@ -202,8 +204,16 @@ def test_bench_steps_resume_after_the_last_finished_step_and_stop_at_until(tmp_p
     ran.clear()
     default_model.run_bench_steps(steps, "consolidate-eval", out, base, Recipe(), commands, own=own)
     # the fakes wrote no marker, so every unfinished step runs again
-    assert ran == ["tiles", "instruct", "eval instruct", "drill", "eval drill", "review", "lone", "consolidate",
+    assert ran == ["instruct", "eval instruct", "drill", "eval drill", "review", "lone", "consolidate",
                    "eval consolidate"]
+    # A bundle carried over to a new machine: OUT holds only drill's, BASE no mix before it.
+    carried, ran[:] = tmp_path / "carried", []
+    (carried / "drill").mkdir(parents=True)
+    (carried / "drill" / "vlm_config.json").write_text("{}")
+    (base / "instruct.jsonl").unlink()
+    (base / "align.jsonl").unlink()
+    default_model.run_bench_steps(steps, "consolidate-eval", carried, base, Recipe(), commands, own=own)
+    assert ran == ["eval drill", "review", "lone", "consolidate", "eval consolidate"]
     assert default_model.BENCH_EVALS["drill-eval"] == ("drill", "eval_drill")  # where earlier runs wrote it
 
 

@@ -1023,11 +1023,11 @@ def bench_later_steps(skip: tuple[str, ...] = ()) -> tuple[str, ...]:
 BENCH_LATER_STEPS = bench_later_steps()
 
 
-def bench_inputs(steps: tuple[str, ...], until: str, base: Path) -> list[Path]:
-    """The files of the base build that `run_bench_steps` reads up to `until`: the test files
-    when an eval runs, and the mix of every training stage."""
+def bench_inputs(steps: tuple[str, ...], base: Path) -> list[Path]:
+    """The files of the base build that `steps` read: the test files when an eval runs, and
+    the mix of every training stage."""
     wanted = []
-    for step in steps[:steps.index(until) + 1]:
+    for step in steps:
         if step in BENCH_EVALS:
             wanted += [base / "eval_triples.jsonl", base / "eval_captions.jsonl"]
         elif step in TRAINING_STAGES:
@@ -1037,29 +1037,36 @@ def bench_inputs(steps: tuple[str, ...], until: str, base: Path) -> list[Path]:
 
 def run_bench_steps(steps: tuple[str, ...], until: str, out: Path, base: Path, recipe: Recipe,
                     commands: dict[str, list[str]], own: dict[str, tuple[Path, Callable[[], None]]] | None = None) -> None:
-    """Run `steps` up to `until` in OUT. A step in `own` is (the file it writes last, what runs
-    it); an eval step (BENCH_EVALS) evaluates its bundle on BASE's test files into OUT/<dir>;
-    any other is the build's command for it, on a copy of BASE/<step>.jsonl, done when
-    OUT/<step>/vlm_config.json exists."""
-    missing = [str(path) for path in bench_inputs(steps, until, base) if not path.is_file()]
+    """Run `steps` up to `until` in OUT, from the one after the last step whose output is
+    there (so OUT can start from a bundle carried over from another machine). A step in
+    `own` is (the file it writes last, what runs it); an eval step (BENCH_EVALS) evaluates
+    its bundle on BASE's test files into OUT/<dir>; any other is the build's command for it,
+    on a copy of BASE/<step>.jsonl, done when OUT/<step>/vlm_config.json exists."""
+    def marker(step: str) -> Path:
+        if step in (own or {}):
+            return own[step][0]
+        if step in BENCH_EVALS:
+            return out / BENCH_EVALS[step][1] / "knowledge.json"
+        return out / step / "vlm_config.json"
+
+    wanted = steps[:steps.index(until) + 1]
+    finished = [index for index, step in enumerate(wanted) if marker(step).is_file()]
+    todo = wanted[finished[-1] + 1:] if finished else wanted
+    missing = [str(path) for path in bench_inputs(todo, base) if not path.is_file()]
     if missing:
         raise UserFacingError(f"not found: {', '.join(missing)}; the base build writes them "
                               f"(`vlm-chat default build --work {base} --until {FINAL_STAGE}`)")
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be there
-    for step in steps:
-        if step in (own or {}):
-            marker, run = own[step]
+    for step in wanted:
+        if step not in todo:
+            print(f"[{step}] done before, skipped", flush=True)
+        elif step in (own or {}):
+            own[step][1]()
         elif step in BENCH_EVALS:
             bundle, dest = (out / name for name in BENCH_EVALS[step])
-            marker, run = dest / "knowledge.json", partial(_bench_evaluate, bundle, base, dest, recipe)
+            _bench_evaluate(bundle, base, dest, recipe)
         else:
-            marker, run = out / step / "vlm_config.json", partial(_bench_train, step, out, base, commands[step])
-        if marker.is_file():
-            print(f"[{step}] done before, skipped", flush=True)
-        else:
-            run()
-        if step == until:
-            break
+            _bench_train(step, out, base, commands[step])
 
 
 def _bench_train(stage: str, out: Path, base: Path, command: list[str]) -> None:
