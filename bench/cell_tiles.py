@@ -75,7 +75,10 @@ def main() -> None:
     if args.until not in steps:
         parser.error(f"--until {args.until}: that step is skipped (--skip {args.skip})")
     base, grid, out = Path(args.base), Path(args.grid), Path(args.out)
-    recipe = replace(Recipe(seed=args.seed), **GRID, image_tiles=args.tiles)
+    # The drill in fp32, as this line's first drill ran (on a CPU without native bf16) and
+    # as the next build recipe will: bf16 autocast slowed the build's drill as it ran (MODEL_CARD.md).
+    base_recipe = Recipe(seed=args.seed)
+    recipe = replace(base_recipe, **GRID, image_tiles=args.tiles, drill={**base_recipe.drill, "mixed_precision": "no"})
     try:
         commands = stage_commands(BuildPaths(work=out, corpus=Path("unused"), clip="train", out=out / "unused"), recipe, skip)
     except UserFacingError as error:
