@@ -38,7 +38,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from training.default_model import (BENCH_LATER_STEPS, GRID, MIX_WRITERS, BuildPaths, Recipe, bench_later_steps,
+from training.default_model import (BENCH_LATER_STEPS, MIX_WRITERS, RECIPES, BuildPaths, Recipe, bench_later_steps,
                                     run_bench_steps, stage_commands)
 from vlm_chat.config import VLMConfig
 from vlm_chat.errors import UserFacingError
@@ -75,12 +75,11 @@ def main() -> None:
     if args.until not in steps:
         parser.error(f"--until {args.until}: that step is skipped (--skip {args.skip})")
     base, grid, out = Path(args.base), Path(args.grid), Path(args.out)
-    # The drill in fp32, as this line's first drill ran (on a CPU without native bf16) and
-    # as the next build recipe will: bf16 autocast slowed the build's drill as it ran (MODEL_CARD.md).
-    base_recipe = Recipe(seed=args.seed)
-    recipe = replace(base_recipe, **GRID, image_tiles=args.tiles, drill={**base_recipe.drill, "mixed_precision": "no"})
+    # The build's "tiles" recipe (its drill in fp32, as this line's first drill ran), with
+    # this run's tiles and skipped stages.
+    recipe = replace(Recipe(seed=args.seed), **RECIPES["tiles"], image_tiles=args.tiles, skip=skip)
     try:
-        commands = stage_commands(BuildPaths(work=out, corpus=Path("unused"), clip="train", out=out / "unused"), recipe, skip)
+        commands = stage_commands(BuildPaths(work=out, corpus=Path("unused"), clip="train", out=out / "unused"), recipe)
     except UserFacingError as error:
         parser.error(str(error))
 

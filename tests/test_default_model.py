@@ -995,18 +995,19 @@ def test_skill_alone_reuse_draws_from_the_scenes_the_build_used_too(corpus, tmp_
     assert images & used and images >= {r["image"] for r in _rows(tmp_path / "fresh" / "train.jsonl")}
 
 
-def test_a_skipped_stage_is_left_out_and_the_next_one_goes_on_from_the_last_one_run():
-    import pytest
+def _model_of(command: list[str]) -> str:
+    return command[command.index("--model") + 1]
 
-    from training.default_model import BuildPaths, bench_later_steps, stage_commands
+
+def test_a_skipped_stage_is_left_out_and_the_next_one_goes_on_from_the_last_one_run():
+    from training.default_model import SKILL_STAGES, BuildPaths, bench_later_steps, stage_commands
     from vlm_chat.errors import UserFacingError
 
-    def model_of(command: list[str]) -> str:
-        return command[command.index("--model") + 1]
-
+    model_of = _model_of
     paths = BuildPaths(work=Path("/w"), corpus=Path("/c"), clip="shipped", out=Path("/o"))
     between = ("review", "lone", "consolidate", "crowd", "recall", "tally", "recount", "tint", "retint", "discern")
-    full, short = stage_commands(paths, Recipe()), stage_commands(paths, Recipe(), skip=between)
+    assert between == SKILL_STAGES
+    full, short = stage_commands(paths, Recipe()), stage_commands(paths, replace(Recipe(), skip=between))
     assert model_of(full["survey"]) == "/w/discern" and model_of(short["survey"]) == "/w/drill"
     assert model_of(short["drill"]) == model_of(full["drill"]) == "/w/instruct"
     assert model_of(short["resurvey"]) == "/w/survey"
@@ -1014,4 +1015,42 @@ def test_a_skipped_stage_is_left_out_and_the_next_one_goes_on_from_the_last_one_
     assert short["survey"][short["survey"].index("--data") + 1] == "/w/survey.jsonl"  # its own mix still
     assert bench_later_steps(between) == ("drill", "drill-eval", "survey", "survey-eval", "resurvey", "resurvey-eval")
     with pytest.raises(UserFacingError, match="cannot skip align, instruct: only the stages after instruct"):
-        stage_commands(paths, Recipe(), skip=("align", "instruct"))
+        stage_commands(paths, replace(Recipe(), skip=("align", "instruct")))
+
+
+@needs_sources
+def test_a_recipe_that_skips_stages_writes_their_mixes_trains_the_rest_in_a_chain_and_ships_the_last(
+        corpus, tmp_path, monkeypatch):
+    import training.default_model as dm
+
+    ran, evaluated = [], []
+
+    def cli(argv):  # a stage's bundle appears where its command says
+        ran.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "vlm_config.json").write_text("{}")
+
+    def distill(bundle, work, recipe):
+        text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hi!"}, {"from": "gpt", "value": "Hello."}]}
+        (work / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+        return {"text_turns": 1}
+
+    monkeypatch.setattr(dm, "_cli", cli)
+    monkeypatch.setattr(dm, "distill_text_turns", distill)
+    monkeypatch.setattr(dm, "evaluate_bundle", lambda bundle, *rest, **kw: evaluated.append(bundle.name))
+    recipe = replace(CHAIN, survey_scenes=3, resurvey_scenes=3, skip=dm.SKILL_STAGES)
+    paths = dm.BuildPaths(work=tmp_path / "work", corpus=corpus, clip="shipped", out=tmp_path / "shipped")
+    state = dm.build_default(paths, recipe)
+    trained = {argv[argv.index("--out") + 1].split("/")[-1]: argv for argv in ran if argv[0] == "train"}
+    assert list(trained) == ["align", "instruct", "drill", "survey", "resurvey"]
+    assert _model_of(trained["survey"]).endswith("/work/drill") and _model_of(trained["resurvey"]).endswith("/work/survey")
+    for stage in dm.SKILL_STAGES:  # each mix written (later ones may read it), nothing trained on it
+        assert (paths.work / f"{stage}.jsonl").is_file() and not (paths.work / stage).exists(), stage
+        assert state["stages"][stage]["result"]["trained"] is False
+    assert evaluated == ["resurvey"] and (paths.out / "vlm_config.json").is_file()
+    assert json.loads((paths.work / "state.json").read_text())["recipe"]["skip"] == list(dm.SKILL_STAGES)
+    # The same recipe with one stage less skipped trains again from that stage on.
+    ran.clear()
+    dm.build_default(paths, replace(recipe, skip=dm.SKILL_STAGES[1:]), until="review")
+    assert [argv[argv.index("--out") + 1].split("/")[-1] for argv in ran] == ["drill", "review"]

@@ -316,6 +316,10 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--clip", choices=("shipped", "train"), default="train",
                        help="train the CLIP from scratch (default, about an hour) or take vlm_chat/assets/clip")
     build.add_argument("--out", help="where the finished model goes (default vlm_chat/assets/default)")
+    build.add_argument("--recipe", choices=("shipped", "tiles"), default="shipped",
+                       help="shipped: the recipe of the shipped model (default); tiles: the candidate after it, a CLIP "
+                       "on the scenes' grid (needs --clip train), named image tiles and a shorter chain of stages "
+                       "(MODEL_CARD.md)")
     build.add_argument("--until", help="stop after this stage (one of: corpus, clip, bundle, mix, distill, align, "
                        "instruct, drill, review, lone, consolidate, crowd, recall, tally, recount, tint, retint, discern, survey, resurvey, "
                        "eval, ship)")
@@ -331,7 +335,9 @@ def _default_build(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from training.default_model import STAGES, BuildPaths, Recipe, build_default, continue_from_shipped
+    from dataclasses import replace
+
+    from training.default_model import RECIPES, STAGES, BuildPaths, Recipe, build_default, continue_from_shipped
     from vlm_chat.defaults import SHIPPED_DEFAULT
     from vlm_chat.errors import UserFacingError
 
@@ -340,8 +346,9 @@ def _default_build(args: argparse.Namespace) -> int:
     work = Path(args.work).resolve()
     paths = BuildPaths(work=work, corpus=Path(args.corpus).resolve() if args.corpus else work / "corpus",
                        clip=args.clip, out=Path(args.out).resolve() if args.out else SHIPPED_DEFAULT)
+    recipe = replace(Recipe(), **RECIPES[args.recipe])
     if args.from_shipped:
-        continue_from_shipped(paths, Recipe(), paths.out)
-    state = build_default(paths, Recipe(), until=args.until)
+        continue_from_shipped(paths, recipe, paths.out)
+    state = build_default(paths, recipe, until=args.until)
     print(json.dumps({stage: info["seconds"] for stage, info in state["stages"].items()}, indent=1))
     return 0

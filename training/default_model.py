@@ -229,6 +229,10 @@ class Recipe:
     resurvey_no_per_yes: float = 1.5
     resurvey_caption_singles: int = 200
     resurvey: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
+    # Later stages that write their mix but do not train: the next stage goes on from the
+    # last one that did. Every mix is still written, so each stage's data stay those of the
+    # full chain (the `tiles` recipe of RECIPES runs instruct, drill, survey and resurvey).
+    skip: tuple[str, ...] = ()
     eval_questions: int = 3000
     eval_caption_images: int = 400
     eval_batch_size: int = 32
@@ -244,7 +248,7 @@ STAGE_FIELDS = {
     "distill": ("seed", "text_copies"),
     "align": ("seed", "align"),
     "instruct": ("seed", "instruct"),
-    "drill": ("seed", "drill_conversations", "drill_turns", "drill_describe_share", "drill"),
+    "drill": ("seed", "drill_conversations", "drill_turns", "drill_describe_share", "drill", "skip"),
     "review": ("seed", "review_conversations", "review_turns", "review_describe_share", "review_caption_singles", "review"),
     "lone": ("seed", "lone_scenes", "lone"),
     "consolidate": ("seed", "consolidate_conversations", "consolidate_turns", "consolidate_describe_share",
@@ -953,16 +957,21 @@ def clip_command(corpus: Path, out: Path, recipe: Recipe) -> list[str]:
     ]
 
 
-def stage_commands(paths: BuildPaths, recipe: Recipe, skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
-    """The CLI command each training stage runs (also printed, so any one can be rerun by hand).
-    A later stage in `skip` (one with its own mix) is left out: the next one goes on from the
-    bundle of the last stage before it."""
-    w = paths.work
-    unknown = [stage for stage in skip if stage not in MIX_WRITERS]
+def trained_stages(recipe: Recipe) -> tuple[str, ...]:
+    """The training stages that train in `recipe`, in build order: all but its `skip`."""
+    unknown = [stage for stage in recipe.skip if stage not in MIX_WRITERS]
     if unknown:
         raise UserFacingError(f"cannot skip {', '.join(unknown)}: only the stages after instruct can be "
                               f"skipped ({', '.join(MIX_WRITERS)})")
-    chain = [stage for stage in TRAINING_STAGES if stage not in skip]
+    return tuple(stage for stage in TRAINING_STAGES if stage not in recipe.skip)
+
+
+def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
+    """The CLI command each training stage runs (also printed, so any one can be rerun by hand).
+    A stage the recipe skips has none: the next one goes on from the bundle of the last
+    stage before it that trained."""
+    w = paths.work
+    chain = trained_stages(recipe)
 
     def train(kind: str, stage: str, after: str, settings: dict) -> list[str]:
         """`vlm-chat train` of one stage: from the bundle `after` left, on WORK/<stage>.jsonl."""
@@ -982,7 +991,7 @@ def stage_commands(paths: BuildPaths, recipe: Recipe, skip: tuple[str, ...] = ()
         # each stage with its own mix goes on from the bundle the training stage before it left
         **{stage: train("instruct", stage, after=before, settings=getattr(recipe, stage))
            for before, stage in zip(chain[1:], chain[2:])},
-        "eval": eval_command(w / FINAL_STAGE, w, w / "eval", recipe.eval_batch_size),
+        "eval": eval_command(w / chain[-1], w, w / "eval", recipe.eval_batch_size),
     }
 
 
@@ -1085,7 +1094,17 @@ def _bench_evaluate(bundle: Path, base: Path, dest: Path, recipe: Recipe) -> Non
 # patch; more single-shape captions and no random crops for the CLIP.
 GRID = {"clip_image_size": 96, "clip_patch_size": 16, "clip_shape_copies": 4, "clip_augment": False,
         "token_reduction": "none"}
-FINAL_STAGE = "resurvey"  # the training stage whose bundle is evaluated and shipped
+# The stages between the drill and survey that teach one skill at a time, then all again.
+SKILL_STAGES = ("review", "lone", "consolidate", "crowd", "recall", "tally", "recount", "tint", "retint", "discern")
+# The build's recipes by name (`vlm-chat default build --recipe NAME`): the changes each
+# makes to Recipe(). "shipped" made vlm_chat/assets/default; "tiles" is the candidate to
+# replace it (MODEL_CARD.md): the grid CLIP, each cell's image tokens after its name,
+# and instruct, drill (in fp32), survey and resurvey in place of the chain of fourteen.
+RECIPES = {
+    "shipped": {},
+    "tiles": {**GRID, "image_tiles": 3, "skip": SKILL_STAGES, "drill": {**Recipe().drill, "mixed_precision": "no"}},
+}
+FINAL_STAGE = "resurvey"  # the last training stage of the build (the one shipped unless a recipe skips it)
 # The stages that train a bundle, in build order (each one's output is WORK/<stage>): align
 # and instruct on the files the mix stage wrote, every later one on its own mix.
 TRAINING_STAGES = ("align", "instruct", *MIX_WRITERS)
@@ -1144,7 +1163,7 @@ def continue_from_shipped(paths: BuildPaths, recipe: Recipe, shipped: Path) -> s
         raise UserFacingError(f"{record_file}: missing; --from-shipped needs a model the build shipped (with its recipe.json)")
     record = json.loads(record_file.read_text())
     done = record.get("stages", {})
-    trained = [stage for stage in TRAINING_STAGES if stage in done]
+    trained = [stage for stage in trained_stages(recipe) if stage in done]
     if not trained:
         raise UserFacingError(f"{record_file}: no training stage recorded; rebuild from nothing instead")
     last = trained[-1]
@@ -1227,6 +1246,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
     state["recipe"] = wanted
     save_state()  # a kill from here on resumes, not re-deletes
     commands = stage_commands(paths, recipe)
+    final = trained_stages(recipe)[-1]  # the stage whose bundle is evaluated and shipped
 
     def corpus():
         if (paths.corpus / "manifest.json").is_file():
@@ -1250,6 +1270,9 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
     def mix_then_train(stage: str, write_mix):
         def run():
             written = write_mix(paths.corpus, w, recipe)
+            if stage in recipe.skip:
+                print(f"[{stage}] skipped by the recipe: its mix is written, nothing trains on it", flush=True)
+                return {**written, "trained": False}
             _cli(commands[stage])
             return written
         return run
@@ -1263,8 +1286,8 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         "align": lambda: _cli(commands["align"]),
         "instruct": lambda: _cli(commands["instruct"]),
         **{stage: mix_then_train(stage, write) for stage, write in MIX_WRITERS.items()},
-        "eval": lambda: evaluate_bundle(w / FINAL_STAGE, w, w / "eval", recipe.eval_batch_size, baseline=w / "bundle"),
-        "ship": lambda: ship(w / FINAL_STAGE, paths.out, {
+        "eval": lambda: evaluate_bundle(w / final, w, w / "eval", recipe.eval_batch_size, baseline=w / "bundle"),
+        "ship": lambda: ship(w / final, paths.out, {
             "recipe.json": state_file, "scores.json": w / "eval" / "scores.json", "knowledge.json": w / "eval" / "knowledge.json",
         }),
     }
