@@ -75,8 +75,8 @@ def main() -> None:
     if args.until not in steps:
         parser.error(f"--until {args.until}: that step is skipped (--skip {args.skip})")
     base, grid, out = Path(args.base), Path(args.grid), Path(args.out)
-    # The build's "tiles" recipe (its drill in fp32, as this line's first drill ran), with
-    # this run's tiles and skipped stages.
+    # The build's "tiles" recipe (its drill in fp32, as this line's first drill ran, and
+    # grouped by length), with this run's tiles and skipped stages.
     recipe = replace(Recipe(seed=args.seed), **RECIPES["tiles"], image_tiles=args.tiles, skip=skip)
     try:
         commands = stage_commands(BuildPaths(work=out, corpus=Path("unused"), clip="train", out=out / "unused"), recipe)

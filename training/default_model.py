@@ -1099,10 +1099,13 @@ SKILL_STAGES = ("review", "lone", "consolidate", "crowd", "recall", "tally", "re
 # The build's recipes by name (`vlm-chat default build --recipe NAME`): the changes each
 # makes to Recipe(). "shipped" made vlm_chat/assets/default; "tiles" is the candidate to
 # replace it (MODEL_CARD.md): the grid CLIP, each cell's image tokens after its name,
-# and instruct, drill (in fp32), survey and resurvey in place of the chain of fourteen.
+# and instruct, drill, survey and resurvey in place of the chain of fourteen. Its drill runs
+# in fp32 (bf16 autocast slowed the shipped build's drill as it ran) with batches grouped
+# by length (a quarter of the drill's token slots were padding, bench/padding.py).
 RECIPES = {
     "shipped": {},
-    "tiles": {**GRID, "image_tiles": 3, "skip": SKILL_STAGES, "drill": {**Recipe().drill, "mixed_precision": "no"}},
+    "tiles": {**GRID, "image_tiles": 3, "skip": SKILL_STAGES,
+              "drill": {**Recipe().drill, "mixed_precision": "no", "group_by_length": True}},
 }
 FINAL_STAGE = "resurvey"  # the last training stage of the build (the one shipped unless a recipe skips it)
 # The stages that train a bundle, in build order (each one's output is WORK/<stage>): align
