@@ -77,7 +77,7 @@ def main() -> None:
     base, grid, out = Path(args.base), Path(args.grid), Path(args.out)
     # The build's "tiles" recipe (its drill in fp32, as this line's first drill ran, and
     # grouped by length), with this run's tiles and skipped stages.
-    recipe = replace(Recipe(seed=args.seed), **RECIPES["tiles"], image_tiles=args.tiles, skip=skip)
+    recipe = replace(Recipe(seed=args.seed), **{**RECIPES["tiles"], "image_tiles": args.tiles, "skip": skip})
     try:
         commands = stage_commands(BuildPaths(work=out, corpus=Path("unused"), clip="train", out=out / "unused"), recipe)
     except UserFacingError as error:
