@@ -1054,3 +1054,27 @@ def test_a_recipe_that_skips_stages_writes_their_mixes_trains_the_rest_in_a_chai
     ran.clear()
     dm.build_default(paths, replace(recipe, skip=dm.SKILL_STAGES[1:]), until="review")
     assert [argv[argv.index("--out") + 1].split("/")[-1] for argv in ran] == ["drill", "review"]
+
+
+def test_cell_tiles_runs_the_tiles_recipe_with_this_runs_tiles_and_skipped_stages(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import bench.cell_tiles as cell_tiles
+    from training.default_model import SKILL_STAGES
+
+    seen = {}
+    monkeypatch.setattr(cell_tiles, "run_bench_steps", lambda steps, until, out, base, recipe, commands, own: seen.update(
+        steps=steps, until=until, recipe=recipe, commands=commands))
+    argv = ["cell_tiles.py", "--base", str(tmp_path), "--grid", str(tmp_path), "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--tiles", "2", "--skip", ",".join(SKILL_STAGES)])
+    cell_tiles.main()
+    assert seen["steps"] == ("tiles", "instruct", "eval", "drill", "drill-eval", "survey", "survey-eval", "resurvey",
+                             "resurvey-eval")
+    recipe = seen["recipe"]
+    assert (recipe.image_tiles, recipe.token_reduction, recipe.clip_patch_size) == (2, "none", 16)
+    assert recipe.drill["mixed_precision"] == "no" and "--group-by-length" in seen["commands"]["drill"]
+    assert _model_of(seen["commands"]["survey"]) == str(tmp_path / "out" / "drill")
+    monkeypatch.setattr(sys, "argv", [*argv, "--skip", "review", "--until", "review"])
+    with pytest.raises(SystemExit):
+        cell_tiles.main()
+    assert "--until review: that step is skipped" in capsys.readouterr().err
