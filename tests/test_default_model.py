@@ -1078,3 +1078,18 @@ def test_cell_tiles_runs_the_tiles_recipe_with_this_runs_tiles_and_skipped_stage
     with pytest.raises(SystemExit):
         cell_tiles.main()
     assert "--until review: that step is skipped" in capsys.readouterr().err
+
+
+def test_default_build_recipe_tiles_runs_that_recipe_and_ships_into_work_not_the_package(tmp_path, monkeypatch):
+    import training.default_model as dm
+    from cli.main import main
+    from vlm_chat.defaults import SHIPPED_DEFAULT
+
+    runs = []
+    monkeypatch.setattr(dm, "build_default", lambda paths, recipe, until=None: runs.append((paths, recipe)) or {"stages": {}})
+    assert main(["default", "build", "--recipe", "tiles", "--work", str(tmp_path / "w"), "--until", "mix"]) == 0
+    assert main(["default", "build", "--work", str(tmp_path / "w2"), "--until", "mix"]) == 0
+    (tiles_paths, tiles), (shipped_paths, shipped) = runs
+    assert tiles_paths.out == tmp_path / "w" / "model" and shipped_paths.out == SHIPPED_DEFAULT
+    assert tiles.skip == dm.SKILL_STAGES and tiles.image_tiles == 3 and tiles.clip_patch_size == 16
+    assert shipped == Recipe()

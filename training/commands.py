@@ -315,7 +315,8 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--corpus", help="corpus dir, reused if it holds a manifest.json (default WORK/corpus)")
     build.add_argument("--clip", choices=("shipped", "train"), default="train",
                        help="train the CLIP from scratch (default, about an hour) or take vlm_chat/assets/clip")
-    build.add_argument("--out", help="where the finished model goes (default vlm_chat/assets/default)")
+    build.add_argument("--out", help="where the finished model goes (default vlm_chat/assets/default; with a "
+                       "recipe other than shipped, WORK/model)")
     build.add_argument("--recipe", choices=("shipped", "tiles"), default="shipped",
                        help="shipped: the recipe of the shipped model (default); tiles: the candidate after it, a CLIP "
                        "on the scenes' grid (needs --clip train), named image tiles and a shorter chain of stages "
@@ -345,7 +346,8 @@ def _default_build(args: argparse.Namespace) -> int:
         raise UserFacingError(f"--until {args.until}: choose one of {', '.join(STAGES)}")
     work = Path(args.work).resolve()
     paths = BuildPaths(work=work, corpus=Path(args.corpus).resolve() if args.corpus else work / "corpus",
-                       clip=args.clip, out=Path(args.out).resolve() if args.out else SHIPPED_DEFAULT)
+                       clip=args.clip, out=Path(args.out).resolve() if args.out else
+                       SHIPPED_DEFAULT if args.recipe == "shipped" else work / "model")
     recipe = replace(Recipe(), **RECIPES[args.recipe])
     if args.from_shipped:
         continue_from_shipped(paths, recipe, paths.out)
