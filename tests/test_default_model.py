@@ -1080,7 +1080,7 @@ def test_cell_tiles_runs_the_tiles_recipe_with_this_runs_tiles_and_skipped_stage
     assert "--until review: that step is skipped" in capsys.readouterr().err
 
 
-def test_default_build_recipe_tiles_runs_that_recipe_and_ships_into_work_not_the_package(tmp_path, monkeypatch):
+def test_default_build_recipe_tiles_runs_that_recipe_and_ships_into_work_not_the_package(tmp_path, monkeypatch, capsys):
     import training.default_model as dm
     from cli.main import main
     from vlm_chat.defaults import SHIPPED_DEFAULT
@@ -1093,3 +1093,7 @@ def test_default_build_recipe_tiles_runs_that_recipe_and_ships_into_work_not_the
     assert tiles_paths.out == tmp_path / "w" / "model" and shipped_paths.out == SHIPPED_DEFAULT
     assert tiles.skip == dm.SKILL_STAGES and tiles.image_tiles == 3 and tiles.clip_patch_size == 16
     assert shipped == Recipe()
+    # --recipe's choices are written out so that --help needs no torch: they are RECIPES' names
+    with pytest.raises(SystemExit):
+        main(["default", "build", "--recipe", "no-such-recipe"])
+    assert "{" + ",".join(dm.RECIPES) + "}" in capsys.readouterr().err
