@@ -39,10 +39,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from training.default_model import (BENCH_LATER_STEPS, MIX_WRITERS, RECIPES, BuildPaths, Recipe, bench_later_steps,
-                                    run_bench_steps, stage_commands)
-from vlm_chat.config import VLMConfig
+                                    run_bench_steps, set_image_tiles, stage_commands)
 from vlm_chat.errors import UserFacingError
-from vlm_chat.processor import VLMProcessor
 
 STEPS = ("tiles", "instruct", "eval", *BENCH_LATER_STEPS)
 
@@ -52,10 +50,7 @@ def tiled_copy(source: Path, dest: Path, tiles: int) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoints"))
-    config = VLMConfig.load(tmp)
-    config.image_tiles = tiles
-    config.save(tmp)
-    VLMProcessor.from_pretrained(tmp, config)  # refuses a tile count that does not divide the token grid
+    set_image_tiles(tmp, tiles)
     tmp.rename(dest)
 
 

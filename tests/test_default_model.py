@@ -860,6 +860,14 @@ def test_from_shipped_rewrites_the_data_it_was_trained_on_and_goes_on_after_its_
         dm.continue_from_shipped(replace(paths, work=tmp_path / "w2"), replace(CHAIN, crowd_scenes=5), shipped)
     with pytest.raises(UserFacingError, match="--clip shipped"):
         dm.continue_from_shipped(replace(paths, work=tmp_path / "w3", clip="train"), CHAIN, shipped)
+    # A model on a CLIP its build trained (the tiles recipe's): no CLIP in WORK, so the untrained
+    # bundle (text-only distillation and baseline) is built on the model's own vision tower.
+    stages["clip"] = {"seconds": 2700, "result": {"pairs": 10}}
+    (shipped / "recipe.json").write_text(json.dumps(record))
+    seen = []
+    monkeypatch.setattr(dm, "_cli", lambda argv: seen.append(argv) or cli(argv))
+    assert dm.continue_from_shipped(replace(paths, work=tmp_path / "w5", clip="train"), CHAIN, shipped) == "recount"
+    assert [argv[argv.index("--vision") + 1] for argv in seen] == [str(shipped / "vision")]
     stages["crowd"]["result"]["scenes"] += 1
     (shipped / "recipe.json").write_text(json.dumps(record))
     with pytest.raises(UserFacingError, match=r"\[crowd\] the data differ.*scenes 4 \(recorded 5\)"):
@@ -1056,6 +1064,40 @@ def test_a_recipe_that_skips_stages_writes_their_mixes_trains_the_rest_in_a_chai
     assert [argv[argv.index("--out") + 1].split("/")[-1] for argv in ran] == ["drill", "review"]
 
 
+@needs_sources
+def test_tiles_after_align_aligns_on_one_run_of_image_tokens_then_lays_them_out_in_tiles(
+        corpus, tiny_bundle, tmp_path, monkeypatch):
+    import shutil
+
+    import training.default_model as dm
+    from vlm_chat.config import VLMConfig
+
+    ran = []
+
+    def cli(argv):  # build copies the tiny bundle; train copies the bundle it goes on from
+        ran.append(argv)
+        source = tiny_bundle[0] if argv[0] == "build" else Path(_model_of(argv))
+        shutil.copytree(source, argv[argv.index("--out") + 1])
+
+    monkeypatch.setattr(dm, "_cli", cli)
+    monkeypatch.setattr(dm, "distill_text_turns", lambda bundle, work, recipe: {"text_turns": 0})
+    recipe = replace(CHAIN, image_tiles=2, tiles_after_align=True)
+    paths = dm.BuildPaths(work=tmp_path / "work", corpus=corpus, clip="shipped", out=tmp_path / "shipped")
+    dm.build_default(paths, recipe, until="instruct")
+    build = next(argv for argv in ran if argv[0] == "build")
+    assert build[build.index("--image-tiles") + 1] == "0"
+    assert VLMConfig.load(paths.work / "bundle").image_tiles == 0
+    assert VLMConfig.load(paths.work / "align").image_tiles == 2  # set once align is done
+    assert VLMConfig.load(paths.work / "instruct").image_tiles == 2
+    # Without the flag the bundle has its tiles from the start; a count the token grid does
+    # not divide by (4x4 tokens, 3 tiles) is refused before it is written.
+    without = dm.stage_commands(paths, replace(recipe, tiles_after_align=False))["bundle"]
+    assert without[without.index("--image-tiles") + 1] == "2"
+    with pytest.raises(Exception, match="image_tiles=3"):
+        dm.set_image_tiles(paths.work / "bundle", 3)
+    assert VLMConfig.load(paths.work / "bundle").image_tiles == 0
+
+
 def test_cell_tiles_runs_the_tiles_recipe_with_this_runs_tiles_and_skipped_stages(tmp_path, monkeypatch, capsys):
     import sys
 
@@ -1080,19 +1122,20 @@ def test_cell_tiles_runs_the_tiles_recipe_with_this_runs_tiles_and_skipped_stage
     assert "--until review: that step is skipped" in capsys.readouterr().err
 
 
-def test_default_build_recipe_tiles_runs_that_recipe_and_ships_into_work_not_the_package(tmp_path, monkeypatch, capsys):
+def test_default_build_ships_the_tiles_recipe_and_builds_the_chain_into_work_not_the_package(tmp_path, monkeypatch, capsys):
     import training.default_model as dm
     from cli.main import main
     from vlm_chat.defaults import SHIPPED_DEFAULT
 
     runs = []
     monkeypatch.setattr(dm, "build_default", lambda paths, recipe, until=None: runs.append((paths, recipe)) or {"stages": {}})
-    assert main(["default", "build", "--recipe", "tiles", "--work", str(tmp_path / "w"), "--until", "mix"]) == 0
+    assert main(["default", "build", "--recipe", "chain", "--work", str(tmp_path / "w"), "--until", "mix"]) == 0
     assert main(["default", "build", "--work", str(tmp_path / "w2"), "--until", "mix"]) == 0
-    (tiles_paths, tiles), (shipped_paths, shipped) = runs
-    assert tiles_paths.out == tmp_path / "w" / "model" and shipped_paths.out == SHIPPED_DEFAULT
+    (chain_paths, chain), (tiles_paths, tiles) = runs
+    assert chain_paths.out == tmp_path / "w" / "model" and tiles_paths.out == SHIPPED_DEFAULT
     assert tiles.skip == dm.SKILL_STAGES and tiles.image_tiles == 3 and tiles.clip_patch_size == 16
-    assert shipped == Recipe()
+    assert tiles.tiles_after_align and dm.SHIPPED_RECIPE == "tiles"
+    assert chain == Recipe()
     # --recipe's choices are written out so that --help needs no torch: they are RECIPES' names
     with pytest.raises(SystemExit):
         main(["default", "build", "--recipe", "no-such-recipe"])

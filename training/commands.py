@@ -316,11 +316,11 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--clip", choices=("shipped", "train"), default="train",
                        help="train the CLIP from scratch (default, about an hour) or take vlm_chat/assets/clip")
     build.add_argument("--out", help="where the finished model goes (default vlm_chat/assets/default; with a "
-                       "recipe other than shipped, WORK/model)")
-    build.add_argument("--recipe", choices=("shipped", "tiles"), default="shipped",
-                       help="shipped: the recipe of the shipped model (default); tiles: the candidate after it, a CLIP "
-                       "on the scenes' grid (needs --clip train), named image tiles and a shorter chain of stages "
-                       "(MODEL_CARD.md)")
+                       "recipe other than tiles, WORK/model)")
+    build.add_argument("--recipe", choices=("tiles", "chain"), default="tiles",
+                       help="tiles: the recipe of the shipped model (default): a CLIP on the scenes' grid (needs --clip "
+                       "train), named image tiles, instruct, drill, survey and resurvey; chain: the model shipped before "
+                       "it, on the 64 px CLIP, through all fourteen stages after align (MODEL_CARD.md)")
     build.add_argument("--until", help="stop after this stage (one of: corpus, clip, bundle, mix, distill, align, "
                        "instruct, drill, review, lone, consolidate, crowd, recall, tally, recount, tint, retint, discern, survey, resurvey, "
                        "eval, ship)")
@@ -328,7 +328,7 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
                        help="go on from the model in --out (as shipped, with its recipe.json) instead of from nothing: "
                        "rewrite the data of the stages it went through (seeded, a few minutes), check them against "
                        "its recipe.json, take it as its last training stage's output and run only the stages after "
-                       "that one (needs --clip shipped)")
+                       "that one (with --clip shipped if the model was built on the shipped CLIP)")
     build.set_defaults(func=_default_build)
 
 
@@ -338,7 +338,8 @@ def _default_build(args: argparse.Namespace) -> int:
 
     from dataclasses import replace
 
-    from training.default_model import RECIPES, STAGES, BuildPaths, Recipe, build_default, continue_from_shipped
+    from training.default_model import (RECIPES, SHIPPED_RECIPE, STAGES, BuildPaths, Recipe, build_default,
+                                        continue_from_shipped)
     from vlm_chat.defaults import SHIPPED_DEFAULT
     from vlm_chat.errors import UserFacingError
 
@@ -347,7 +348,7 @@ def _default_build(args: argparse.Namespace) -> int:
     work = Path(args.work).resolve()
     paths = BuildPaths(work=work, corpus=Path(args.corpus).resolve() if args.corpus else work / "corpus",
                        clip=args.clip, out=Path(args.out).resolve() if args.out else
-                       SHIPPED_DEFAULT if args.recipe == "shipped" else work / "model")
+                       SHIPPED_DEFAULT if args.recipe == SHIPPED_RECIPE else work / "model")
     recipe = replace(Recipe(), **RECIPES[args.recipe])
     if args.from_shipped:
         continue_from_shipped(paths, recipe, paths.out)

@@ -61,7 +61,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from training.corpus.drawing import SHAPES
@@ -101,6 +101,9 @@ class Recipe:
     projector: str = "mlp2x_gelu"
     token_reduction: str = "pixel_shuffle"  # 8x8 CLIP patches -> 16 tokens, no information dropped
     image_tiles: int = 0  # k > 0: image tokens in k x k tiles, each after its name ("top left:")
+    # True: align trains the projector on one run of image tokens (image_tiles 0), and the
+    # tiles are laid out from instruct on (how the shipped tiles model was trained)
+    tiles_after_align: bool = False
     reduction_factor: int = 2
     align_images: int = 6000
     align: dict = field(default_factory=lambda: {
@@ -241,7 +244,7 @@ class Recipe:
 STAGE_FIELDS = {
     "corpus": ("seed",),
     "clip": ("seed", "clip_steps", "clip_image_size", "clip_patch_size", "clip_shape_copies", "clip_augment"),
-    "bundle": ("seed", "llm", "projector", "token_reduction", "reduction_factor", "image_tiles"),
+    "bundle": ("seed", "llm", "projector", "token_reduction", "reduction_factor", "image_tiles", "tiles_after_align"),
     "mix": ("seed", "align_images", "instruct_conversations", "turns_per_conversation", "describe_share",
             "caption_singles", "eval_questions", "eval_caption_images"),
     "distill": ("seed", "text_copies"),
@@ -983,7 +986,7 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
         "bundle": [
             "build", "--vision", str(paths.clip_dir), "--llm", recipe.llm, "--projector", recipe.projector,
             "--token-reduction", recipe.token_reduction, "--reduction-factor", str(recipe.reduction_factor),
-            "--image-tiles", str(recipe.image_tiles), "--seed", str(recipe.seed), "--out", str(w / "bundle"),
+            "--image-tiles", str(0 if recipe.tiles_after_align else recipe.image_tiles), "--seed", str(recipe.seed), "--out", str(w / "bundle"),
         ],
         "align": train("align", "align", after="bundle", settings=recipe.align),
         "instruct": train("instruct", "instruct", after="align", settings=recipe.instruct),
@@ -1096,21 +1099,34 @@ GRID = {"clip_image_size": 96, "clip_patch_size": 16, "clip_shape_copies": 4, "c
 # The stages between the drill and survey that teach one skill at a time, then all again.
 SKILL_STAGES = ("review", "lone", "consolidate", "crowd", "recall", "tally", "recount", "tint", "retint", "discern")
 # The build's recipes by name (`vlm-chat default build --recipe NAME`): the changes each
-# makes to Recipe(). "shipped" made vlm_chat/assets/default; "tiles" is the candidate to
-# replace it (MODEL_CARD.md): the grid CLIP, each cell's image tokens after its name,
-# and instruct, drill, survey and resurvey in place of the chain of fourteen. Its drill runs
-# in fp32 (bf16 autocast slowed the shipped build's drill as it ran) with batches grouped
-# by length (a quarter of the drill's token slots were padding, bench/padding.py).
+# makes to Recipe(). "tiles" makes vlm_chat/assets/default (since 2026-12-01): the grid CLIP,
+# each cell's image tokens after its name (from instruct on, as its run did), and instruct,
+# drill, survey and resurvey in place of the chain of fourteen. Its drill runs in fp32
+# (bf16 autocast slowed the chain's drill as it ran) with batches grouped by length (a
+# quarter of the drill's token slots were padding, bench/padding.py). "chain" is the
+# recipe of the model shipped before it: the 64 px CLIP and every stage (MODEL_CARD.md).
 RECIPES = {
-    "shipped": {},
-    "tiles": {**GRID, "image_tiles": 3, "skip": SKILL_STAGES,
+    "tiles": {**GRID, "image_tiles": 3, "tiles_after_align": True, "skip": SKILL_STAGES,
               "drill": {**Recipe().drill, "mixed_precision": "no", "group_by_length": True}},
+    "chain": {},
 }
+SHIPPED_RECIPE = "tiles"  # the recipe whose build ships into vlm_chat/assets/default
 FINAL_STAGE = "resurvey"  # the last training stage of the build (the one shipped unless a recipe skips it)
 # The stages that train a bundle, in build order (each one's output is WORK/<stage>): align
 # and instruct on the files the mix stage wrote, every later one on its own mix.
 TRAINING_STAGES = ("align", "instruct", *MIX_WRITERS)
 NOT_SHIPPED = ("checkpoints",)  # the bundle itself is the result; optimizer states stay in WORK
+
+
+def set_image_tiles(bundle: Path, tiles: int) -> None:
+    """Lay `bundle`'s image tokens out in tiles x tiles tiles from now on (its weights stay)."""
+    from vlm_chat.config import VLMConfig
+    from vlm_chat.processor import VLMProcessor
+
+    config = VLMConfig.load(bundle)
+    VLMProcessor.from_pretrained(bundle, replace(config, image_tiles=tiles))  # refuses a count the token grid does not divide by
+    config.image_tiles = tiles
+    config.save(bundle)
 
 
 def ship(bundle: Path, out: Path, extra: dict[str, Path]) -> dict:
@@ -1187,7 +1203,12 @@ def continue_from_shipped(paths: BuildPaths, recipe: Recipe, shipped: Path) -> s
     if not (paths.corpus / "manifest.json").is_file():
         _cli(commands["corpus"])
     if not (paths.work / "bundle" / "vlm_config.json").is_file():
-        _cli(commands["bundle"])  # the untrained bundle: distill's LLM and the knowledge check's baseline
+        # the untrained bundle: distill's LLM and the knowledge check's baseline, both without
+        # an image; on a CLIP the build trained, the shipped model's own vision tower stands in
+        command = commands["bundle"]
+        if paths.clip == "train" and not paths.clip_dir.is_dir():
+            command[command.index("--vision") + 1] = str(shipped / "vision")
+        _cli(command)
 
     def check(stage: str, written: dict) -> None:
         recorded = done.get(stage, {}).get("result") or {}
@@ -1269,6 +1290,12 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         _cli(commands["clip"])
         return written
 
+    def align():
+        _cli(commands["align"])
+        if recipe.tiles_after_align and recipe.image_tiles:
+            set_image_tiles(w / "align", recipe.image_tiles)
+            print(f"[align] {w / 'align'}: image_tiles {recipe.image_tiles} from instruct on", flush=True)
+
     def mix_then_train(stage: str, write_mix):
         def run():
             written = write_mix(paths.corpus, w, recipe)
@@ -1285,7 +1312,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         "bundle": lambda: _cli(commands["bundle"]),
         "mix": lambda: write_mixes(paths.corpus, w, recipe),
         "distill": lambda: distill_text_turns(w / "bundle", w, recipe),
-        "align": lambda: _cli(commands["align"]),
+        "align": align,
         "instruct": lambda: _cli(commands["instruct"]),
         **{stage: mix_then_train(stage, write) for stage, write in MIX_WRITERS.items()},
         "eval": lambda: evaluate_bundle(w / final, w, w / "eval", recipe.eval_batch_size, baseline=w / "bundle"),
