@@ -39,8 +39,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from training.default_model import (FINAL_STAGE, MIX_WRITERS, RECIPES, SHIPPED_RECIPE, STAGES, BuildPaths, Recipe,
-                                    _cli, knowledge_check, recipe_json, ship, stage_commands, trained_stages,
-                                    write_clip_captions, write_mixes)
+                                    _cli, bundle_command, knowledge_check, knowledge_hits, recipe_json, ship,
+                                    trained_stages, write_clip_captions, write_mixes)
 from vlm_chat.defaults import SHIPPED_DEFAULT
 from vlm_chat.errors import UserFacingError
 
@@ -95,9 +95,7 @@ def main() -> None:
             same_files(w, grid, ["clip_captions.jsonl"])
             stages["clip"] = {"seconds": float(seconds["clip"]) + took, "result": result}
             paths = BuildPaths(work=w, corpus=corpus, clip="train", out=Path(args.out))
-            command = stage_commands(paths, recipe)["bundle"]
-            command[command.index("--vision") + 1] = str(grid / "clip" / "final")
-            took, _ = timed(lambda: _cli(command))
+            took, _ = timed(lambda: _cli(bundle_command(paths, recipe, grid / "clip" / "final")))
             same_files(w / "bundle", grid / "bundle", ["projector.safetensors"])
             stages["bundle"] = {"seconds": took, "result": None}
             before = set(p.name for p in w.iterdir())
@@ -126,18 +124,14 @@ def main() -> None:
     except UserFacingError as error:
         sys.exit(f"error: {error}")
     stages["eval"] = {"seconds": float(seconds["eval"]),
-                      "result": {k: f"{v['hits']}/{v['n']}" for k, v in knowledge.items()}}
+                      "result": knowledge_hits(knowledge)}
     assert list(stages) == [s for s in STAGES if s != "ship"] and final == FINAL_STAGE
     record = {"recipe": recipe_json(recipe), "stages": stages, "unfinished_seconds": {},
               "assembled_by": "bench/ship_tiles.py: the training stages ran as bench/aligned_grid.py and "
                               "bench/cell_tiles.py (MODEL_CARD.md); every data file was checked byte for byte "
                               "against the build's writers"}
-    with tempfile.TemporaryDirectory() as extra:
-        (Path(extra) / "recipe.json").write_text(json.dumps(record, indent=1))
-        (Path(extra) / "knowledge.json").write_text(json.dumps(knowledge, indent=1))
-        shipped = ship(bundle, Path(args.out), {"recipe.json": Path(extra) / "recipe.json",
-                                                "scores.json": evaluation / "scores.json",
-                                                "knowledge.json": Path(extra) / "knowledge.json"})
+    shipped = ship(bundle, Path(args.out), {"scores.json": evaluation / "scores.json"})
+    (Path(args.out) / "knowledge.json").write_text(json.dumps(knowledge, indent=1))
     record["stages"]["ship"] = {"seconds": 0.0, "result": shipped}
     (Path(args.out) / "recipe.json").write_text(json.dumps(record, indent=1))
     total = sum(info["seconds"] for info in record["stages"].values())

@@ -1071,6 +1071,7 @@ def test_tiles_after_align_aligns_on_one_run_of_image_tokens_then_lays_them_out_
 
     import training.default_model as dm
     from vlm_chat.config import VLMConfig
+    from vlm_chat.errors import ConfigError
 
     ran = []
 
@@ -1093,7 +1094,7 @@ def test_tiles_after_align_aligns_on_one_run_of_image_tokens_then_lays_them_out_
     # not divide by (4x4 tokens, 3 tiles) is refused before it is written.
     without = dm.stage_commands(paths, replace(recipe, tiles_after_align=False))["bundle"]
     assert without[without.index("--image-tiles") + 1] == "2"
-    with pytest.raises(Exception, match="image_tiles=3"):
+    with pytest.raises(ConfigError, match="image_tiles=3"):
         dm.set_image_tiles(paths.work / "bundle", 3)
     assert VLMConfig.load(paths.work / "bundle").image_tiles == 0
 

@@ -983,11 +983,7 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
     return {
         "corpus": ["corpus", "build", "--out", str(paths.corpus), "--seed", str(recipe.seed)],
         "clip": clip_command(paths.corpus, w, recipe),
-        "bundle": [
-            "build", "--vision", str(paths.clip_dir), "--llm", recipe.llm, "--projector", recipe.projector,
-            "--token-reduction", recipe.token_reduction, "--reduction-factor", str(recipe.reduction_factor),
-            "--image-tiles", str(0 if recipe.tiles_after_align else recipe.image_tiles), "--seed", str(recipe.seed), "--out", str(w / "bundle"),
-        ],
+        "bundle": bundle_command(paths, recipe),
         "align": train("align", "align", after="bundle", settings=recipe.align),
         "instruct": train("instruct", "instruct", after="align", settings=recipe.instruct),
         # each stage with its own mix goes on from the bundle the training stage before it left
@@ -997,10 +993,23 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
     }
 
 
+def bundle_command(paths: BuildPaths, recipe: Recipe, vision: Path | None = None) -> list[str]:
+    """`vlm-chat build` of the untrained bundle into WORK/bundle, on the build's CLIP or on `vision`."""
+    return ["build", "--vision", str(vision or paths.clip_dir), "--llm", recipe.llm, "--projector", recipe.projector,
+            "--token-reduction", recipe.token_reduction, "--reduction-factor", str(recipe.reduction_factor),
+            "--image-tiles", str(0 if recipe.tiles_after_align else recipe.image_tiles), "--seed", str(recipe.seed),
+            "--out", str(paths.work / "bundle")]
+
+
 def eval_command(bundle: Path, data: Path, dest: Path, batch_size: int) -> list[str]:
     """`vlm-chat eval` of `bundle` on the test files the mix stage wrote into `data`."""
     return ["eval", "--model", str(bundle), "--data", str(data / "eval_triples.jsonl"), str(data / "eval_captions.jsonl"),
             "--batch-size", str(batch_size), "--out", str(dest)]
+
+
+def knowledge_hits(result: dict) -> dict[str, str]:
+    """A knowledge.json's checks as "hits/n" each (what the build records for its eval)."""
+    return {k: f"{v['hits']}/{v['n']}" for k, v in result.items()}
 
 
 def evaluate_bundle(bundle: Path, data: Path, dest: Path, batch_size: int, baseline: Path | None = None) -> dict:
@@ -1012,7 +1021,7 @@ def evaluate_bundle(bundle: Path, data: Path, dest: Path, batch_size: int, basel
     if baseline is not None:
         result["base_without_image"] = knowledge_check(baseline, None)
     (dest / "knowledge.json").write_text(json.dumps(result, indent=1))
-    return {k: f"{v['hits']}/{v['n']}" for k, v in result.items()}
+    return knowledge_hits(result)
 
 
 # The step runner of the experiments that rerun build stages (bench/aligned_grid.py,
@@ -1205,10 +1214,8 @@ def continue_from_shipped(paths: BuildPaths, recipe: Recipe, shipped: Path) -> s
     if not (paths.work / "bundle" / "vlm_config.json").is_file():
         # the untrained bundle: distill's LLM and the knowledge check's baseline, both without
         # an image; on a CLIP the build trained, the shipped model's own vision tower stands in
-        command = commands["bundle"]
-        if paths.clip == "train" and not paths.clip_dir.is_dir():
-            command[command.index("--vision") + 1] = str(shipped / "vision")
-        _cli(command)
+        own_tower = paths.clip == "train" and not paths.clip_dir.is_dir()
+        _cli(bundle_command(paths, recipe, shipped / "vision" if own_tower else None))
 
     def check(stage: str, written: dict) -> None:
         recorded = done.get(stage, {}).get("result") or {}
