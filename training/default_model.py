@@ -42,6 +42,9 @@
             the corpus asks at most 13; single-image captions and the text turns
   resurvey  the same on as many other training scenes, asking half again as many
             "is there ...?" about absent things as about present ones
+  census    the same again on training scenes neither survey used, most of them
+            crowded (4-6 objects, where counting and placing fail most), with every
+            object named by its cell and more relations
   eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
@@ -72,7 +75,7 @@ from vlm_chat.errors import UserFacingError
 
 STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "review", "lone", "consolidate",
           "crowd", "recall", "tally", "recount", "tint", "retint", "discern", "survey", "resurvey",
-          "eval", "ship")
+          "census", "eval", "ship")
 SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "vlm_chat" / "assets" / "clip"
 
 
@@ -231,6 +234,16 @@ class Recipe:
     resurvey_no_per_yes: float = 1.5
     resurvey_caption_singles: int = 200
     resurvey: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
+    # After resurvey (MODEL_CARD.md) counting was 84-91 % on scenes of 1-3 objects but
+    # 59-63 % on 4-6, objects were named by their cell 44 % of the time and relations were
+    # 40 %; the "yes" share had fallen to 45.7 % (true 50.3 %). census asks fresh scenes
+    # the survey way, `census_crowded_share` of them with 4 or more objects, every object
+    # by its cell and up to 6 relations (CENSUS_LIMITS), with 1.2 absent things per present one.
+    census_scenes: int = 2400  # training scenes neither survey nor resurvey asked about
+    census_crowded_share: float = 0.6
+    census_no_per_yes: float = 1.2
+    census_caption_singles: int = 200
+    census: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
     # Later stages that write their mix but do not train: the next stage goes on from the
     # last one that did. Every mix is still written, so each stage's data stay those of the
     # full chain (the `tiles` recipe of RECIPES runs instruct, drill, survey and resurvey).
@@ -269,6 +282,7 @@ STAGE_FIELDS = {
                 "discern_caption_singles", "discern"),
     "survey": ("seed", "survey_scenes", "survey_caption_singles", "survey"),
     "resurvey": ("seed", "resurvey_scenes", "resurvey_no_per_yes", "resurvey_caption_singles", "resurvey"),
+    "census": ("seed", "census_scenes", "census_crowded_share", "census_no_per_yes", "census_caption_singles", "census"),
     "eval": ("eval_batch_size",),
     "ship": (),
 }
@@ -713,6 +727,8 @@ def write_discern(corpus: Path, work: Path, recipe: Recipe) -> dict:
 # How many questions of each type a survey conversation asks at most (None: all of
 # them); the presence questions are all the "yes" ones and as many "no" ones.
 SURVEY_LIMITS = {"count": None, "color": None, "position": None, "relation": 4, "object": 2, "read": 1}
+# census's: every object named by its cell, and more relations.
+CENSUS_LIMITS = {**SURVEY_LIMITS, "relation": 6, "object": None}
 
 
 def holdouts_of(corpus: Path) -> Holdouts:
@@ -722,8 +738,8 @@ def holdouts_of(corpus: Path) -> Holdouts:
 
 
 def survey_turns(rng: random.Random, layout: dict, vocabulary, holdouts: Holdouts,
-                 no_per_yes: float = 1.0) -> list[tuple[str, str]]:
-    """Every question the scene's layout supports (`scene_questions`, up to SURVEY_LIMITS
+                 no_per_yes: float = 1.0, limits: dict[str, int | None] = SURVEY_LIMITS) -> list[tuple[str, str]]:
+    """Every question the scene's layout supports (`scene_questions`, up to `limits`
     per type; "is there ...?" about as many present things as absent ones, and up to
     `no_per_yes` absent ones per present one, never naming a held-out pair), in random
     order: all skills interleaved about one image."""
@@ -731,7 +747,7 @@ def survey_turns(rng: random.Random, layout: dict, vocabulary, holdouts: Holdout
     yes, no = pools.pop("yes"), pools.pop("no")
     n = min(len(yes), len(no))
     turns = rng.sample(yes, n) + rng.sample(no, min(len(no), round(n * no_per_yes)))
-    for kind, limit in SURVEY_LIMITS.items():
+    for kind, limit in limits.items():
         pool = pools[kind]
         turns += rng.sample(pool, len(pool) if limit is None else min(limit, len(pool)))
     rng.shuffle(turns)
@@ -739,9 +755,11 @@ def survey_turns(rng: random.Random, layout: dict, vocabulary, holdouts: Holdout
 
 
 def _write_survey_mix(corpus: Path, work: Path, name: str, rng: random.Random, scenes: int, used: set[str],
-                      no_per_yes: float, caption_singles: int) -> dict:
+                      no_per_yes: float, caption_singles: int, crowded_share: float | None = None,
+                      limits: dict[str, int | None] = SURVEY_LIMITS) -> dict:
     """WORK/<name>.jsonl: `scenes` training scenes outside `used`, each one conversation
-    of `survey_turns`, with single-image captions and the text turns, shuffled."""
+    of `survey_turns`, with single-image captions and the text turns, shuffled. With
+    `crowded_share`, that share of the scenes holds CROWDED or more objects."""
     root = corpus.resolve()
 
     def image(n: str) -> str:
@@ -751,12 +769,21 @@ def _write_survey_mix(corpus: Path, work: Path, name: str, rng: random.Random, s
     vocabulary = vocabulary_of(list(layouts.values()))
     holdouts = holdouts_of(corpus)
     pool = sorted(set(layouts) - used)
-    drawn = rng.sample(pool, min(scenes, len(pool)))
-    rows = [_conversation(f"{name}:{n}", image(n), survey_turns(rng, layouts[n], vocabulary, holdouts, no_per_yes))
-            for n in drawn]
+    if crowded_share is None:
+        drawn = rng.sample(pool, min(scenes, len(pool)))
+    else:
+        crowded = [n for n in pool if objects_in(layouts[n]) >= CROWDED]
+        sparse = [n for n in pool if objects_in(layouts[n]) < CROWDED]
+        many = min(round(scenes * crowded_share), len(crowded))
+        drawn = rng.sample(crowded, many) + rng.sample(sparse, min(scenes - many, len(sparse)))
+    rows = [_conversation(f"{name}:{n}", image(n),
+                          survey_turns(rng, layouts[n], vocabulary, holdouts, no_per_yes, limits)) for n in drawn]
     singles = _single_captions(rng, _group(_read_jsonl(corpus / "captions_train.jsonl")), image, caption_singles)
     text = _write_with_text_turns(work, name, rng, rows + singles)
-    return {"scenes": len(rows), "questions": _questions(rows), "caption_singles": len(singles), "text_turns": text}
+    counts = {"scenes": len(rows), "questions": _questions(rows), "caption_singles": len(singles), "text_turns": text}
+    if crowded_share is not None:
+        counts["crowded_scenes"] = sum(objects_in(layouts[n]) >= CROWDED for n in drawn)
+    return counts
 
 
 def write_survey(corpus: Path, work: Path, recipe: Recipe) -> dict:
@@ -773,11 +800,29 @@ def write_resurvey(corpus: Path, work: Path, recipe: Recipe) -> dict:
                              recipe.resurvey_caption_singles)
 
 
+CROWDED = 4  # objects in a scene from which counting fell below 65 % after resurvey
+
+
+def objects_in(layout: dict) -> int:
+    """How many objects a scene's layout places (a group of three circles counts 3)."""
+    return sum(len(obj["cells"]) for obj in layout["objects"])
+
+
+def write_census(corpus: Path, work: Path, recipe: Recipe) -> dict:
+    """census.jsonl: `census_scenes` training scenes neither survey.jsonl nor resurvey.jsonl
+    asked about, `census_crowded_share` of them crowded, each asked the survey way with
+    CENSUS_LIMITS and up to `census_no_per_yes` absent-thing questions per present one."""
+    return _write_survey_mix(corpus, work, "census", random.Random(recipe.seed + 101), recipe.census_scenes,
+                             _used_scenes(work, (("survey.jsonl", "survey:"), ("resurvey.jsonl", "resurvey:"))),
+                             recipe.census_no_per_yes, recipe.census_caption_singles, recipe.census_crowded_share,
+                             CENSUS_LIMITS)
+
+
 # The stages that write their own data file before they train, in build order.
 MIX_WRITERS = {"drill": write_drill, "review": write_review, "lone": write_lone, "consolidate": write_consolidate,
                "crowd": write_crowd, "recall": write_recall, "tally": write_tally, "recount": write_recount,
                "tint": write_tint, "retint": write_retint, "discern": write_discern, "survey": write_survey,
-               "resurvey": write_resurvey}
+               "resurvey": write_resurvey, "census": write_census}
 # Every mix of the build that talks about training scenes, in build order, as (file in
 # WORK, id prefix of its scene conversations): a later mix takes scenes none before used.
 SCENE_MIXES = (("instruct_images.jsonl", "scene:"),
@@ -1029,7 +1074,7 @@ def evaluate_bundle(bundle: Path, data: Path, dest: Path, batch_size: int, basel
 # exists, so a rerun resumes where the last one stopped. A training stage trains on a
 # copy of the base build's mix for it (same data and order as the build's model had),
 # and an eval follows the stages where MODEL_CARD.md reports the build's own model.
-BENCH_EVAL_AFTER = ("drill", "consolidate", "recall", "recount", "retint", "discern", "survey", "resurvey")
+BENCH_EVAL_AFTER = ("drill", "consolidate", "recall", "recount", "retint", "discern", "survey", "resurvey", "census")
 BENCH_EVALS = {"eval": ("instruct", "eval"),  # step: (bundle, its eval dir)
                **{f"{stage}-eval": (stage, f"eval_{stage}") for stage in BENCH_EVAL_AFTER}}
 
@@ -1110,17 +1155,18 @@ SKILL_STAGES = ("review", "lone", "consolidate", "crowd", "recall", "tally", "re
 # The build's recipes by name (`vlm-chat default build --recipe NAME`): the changes each
 # makes to Recipe(). "tiles" makes vlm_chat/assets/default (since 2026-12-01): the grid CLIP,
 # each cell's image tokens after its name (from instruct on, as its run did), and instruct,
-# drill, survey and resurvey in place of the chain of fourteen. Its drill runs in fp32
-# (bf16 autocast slowed the chain's drill as it ran) with batches grouped by length (a
+# drill, survey, resurvey and census in place of the chain of fourteen. Its drill runs in
+# fp32 (bf16 autocast slowed the chain's drill as it ran) with batches grouped by length (a
 # quarter of the drill's token slots were padding, bench/padding.py). "chain" is the
-# recipe of the model shipped before it: the 64 px CLIP and every stage (MODEL_CARD.md).
+# recipe of the model shipped before it: the 64 px CLIP and every stage (MODEL_CARD.md;
+# that model was built before census was added, and `--until resurvey` rebuilds it).
 RECIPES = {
     "tiles": {**GRID, "image_tiles": 3, "tiles_after_align": True, "skip": SKILL_STAGES,
               "drill": {**Recipe().drill, "mixed_precision": "no", "group_by_length": True}},
     "chain": {},
 }
 SHIPPED_RECIPE = "tiles"  # the recipe whose build ships into vlm_chat/assets/default
-FINAL_STAGE = "resurvey"  # the last training stage of the build (the one shipped unless a recipe skips it)
+FINAL_STAGE = "census"  # the last training stage of the build (the one shipped unless a recipe skips it)
 # The stages that train a bundle, in build order (each one's output is WORK/<stage>): align
 # and instruct on the files the mix stage wrote, every later one on its own mix.
 TRAINING_STAGES = ("align", "instruct", *MIX_WRITERS)
