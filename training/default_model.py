@@ -246,7 +246,7 @@ class Recipe:
     census: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
     # Later stages that write their mix but do not train: the next stage goes on from the
     # last one that did. Every mix is still written, so each stage's data stay those of the
-    # full chain (the `tiles` recipe of RECIPES runs instruct, drill, survey and resurvey).
+    # full chain (the `tiles` recipe of RECIPES runs instruct, drill, survey, resurvey and census).
     skip: tuple[str, ...] = ()
     eval_questions: int = 3000
     eval_caption_images: int = 400
