@@ -496,10 +496,14 @@ def write_review(corpus: Path, work: Path, recipe: Recipe) -> dict:
                                   recipe.review_caption_singles)
 
 
+def objects_in(layout: dict) -> int:
+    """How many objects a scene's layout places (copies count: three circles are 3)."""
+    return sum(obj["count"] for obj in layout["objects"])
+
+
 def scenes_of(corpus: Path, split: str, objects: range) -> set[str]:
-    """Names of the `split` scenes holding a number of objects in `objects` (copies count)."""
-    return {row["image"] for row in _read_jsonl(corpus / f"layouts_{split}.jsonl")
-            if sum(obj["count"] for obj in row["objects"]) in objects}
+    """Names of the `split` scenes holding a number of objects in `objects`."""
+    return {row["image"] for row in _read_jsonl(corpus / f"layouts_{split}.jsonl") if objects_in(row) in objects}
 
 
 def questions_of(corpus: Path, split: str, kind: str, scenes: set[str]) -> dict[str, list[dict]]:
@@ -773,7 +777,7 @@ def _write_survey_mix(corpus: Path, work: Path, name: str, rng: random.Random, s
         drawn = rng.sample(pool, min(scenes, len(pool)))
     else:
         crowded = [n for n in pool if objects_in(layouts[n]) >= CROWDED]
-        sparse = [n for n in pool if objects_in(layouts[n]) < CROWDED]
+        sparse = sorted(set(pool) - set(crowded))
         many = min(round(scenes * crowded_share), len(crowded))
         drawn = rng.sample(crowded, many) + rng.sample(sparse, min(scenes - many, len(sparse)))
     rows = [_conversation(f"{name}:{n}", image(n),
@@ -782,7 +786,7 @@ def _write_survey_mix(corpus: Path, work: Path, name: str, rng: random.Random, s
     text = _write_with_text_turns(work, name, rng, rows + singles)
     counts = {"scenes": len(rows), "questions": _questions(rows), "caption_singles": len(singles), "text_turns": text}
     if crowded_share is not None:
-        counts["crowded_scenes"] = sum(objects_in(layouts[n]) >= CROWDED for n in drawn)
+        counts["crowded_scenes"] = many
     return counts
 
 
@@ -801,11 +805,6 @@ def write_resurvey(corpus: Path, work: Path, recipe: Recipe) -> dict:
 
 
 CROWDED = 4  # objects in a scene from which counting fell below 65 % after resurvey
-
-
-def objects_in(layout: dict) -> int:
-    """How many objects a scene's layout places (a group of three circles counts 3)."""
-    return sum(len(obj["cells"]) for obj in layout["objects"])
 
 
 def write_census(corpus: Path, work: Path, recipe: Recipe) -> dict:
