@@ -25,6 +25,12 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _write_text_turn(work: Path) -> None:
+    """WORK/text_turns.jsonl with one distilled text turn, as the distill stage writes them."""
+    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
+    (work / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
@@ -266,8 +272,7 @@ def test_build_help_names_every_stage_in_order(capsys):
 def test_drill_asks_many_questions_about_scenes_instruct_did_not_use(corpus, tmp_path):
     recipe = replace(SMALL, drill_conversations=15, drill_turns=(3, 4))
     write_mixes(corpus, tmp_path, recipe)
-    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
-    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    _write_text_turn(tmp_path)
     counts = write_drill(corpus, tmp_path, recipe)
     rows = _rows(tmp_path / "drill.jsonl")
     good, problems = check_samples([tmp_path / "drill.jsonl"])
@@ -290,8 +295,7 @@ def test_review_uses_scenes_no_earlier_stage_saw_and_brings_back_single_image_ca
     recipe = replace(SMALL, drill_conversations=10, drill_turns=(3, 4), review_conversations=8, review_turns=(5, 13),
                      review_caption_singles=4)
     write_mixes(corpus, tmp_path, recipe)
-    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
-    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    _write_text_turn(tmp_path)
     write_drill(corpus, tmp_path, recipe)
     counts = write_review(corpus, tmp_path, recipe)
     rows = _rows(tmp_path / "review.jsonl")
@@ -355,8 +359,7 @@ CHAIN = replace(SMALL, instruct_conversations=10, drill_conversations=5, drill_t
 def _mixes_up_to_consolidate(corpus: Path, work: Path, recipe: Recipe) -> dict:
     """Every mix of the build in order, up to consolidate's; returns consolidate's counts."""
     write_mixes(corpus, work, recipe)
-    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
-    (work / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    _write_text_turn(work)
     write_drill(corpus, work, recipe)
     write_review(corpus, work, recipe)
     write_lone(corpus, work, recipe)
@@ -644,8 +647,7 @@ def test_a_survey_asks_every_count_colour_and_position_and_balanced_yes_no():
 
 @needs_sources
 def test_survey_is_one_conversation_per_scene_with_captions_and_text_turns(corpus, tmp_path):
-    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
-    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    _write_text_turn(tmp_path)
     recipe = replace(SMALL, survey_scenes=7, survey_caption_singles=2)
     counts = write_survey(corpus, tmp_path, recipe)
     rows = _rows(tmp_path / "survey.jsonl")
@@ -670,8 +672,7 @@ def test_survey_is_one_conversation_per_scene_with_captions_and_text_turns(corpu
 
 @needs_sources
 def test_resurvey_asks_only_scenes_survey_did_not(corpus, tmp_path):
-    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
-    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    _write_text_turn(tmp_path)
     train_scenes = [r["image"] for r in _rows(corpus / "layouts_train.jsonl")]
     recipe = replace(SMALL, survey_scenes=len(train_scenes) - 3, survey_caption_singles=0,
                      resurvey_scenes=7, resurvey_caption_singles=1)
@@ -693,8 +694,7 @@ def test_census_asks_fresh_mostly_crowded_scenes_every_object_by_its_cell(corpus
     from training.corpus.scenes import CELL_NAMES
     from training.default_model import CROWDED, objects_in, write_census
 
-    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
-    (tmp_path / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+    _write_text_turn(tmp_path)
     layouts = {r["image"]: r for r in _rows(corpus / "layouts_train.jsonl")}
     recipe = replace(SMALL, survey_scenes=6, survey_caption_singles=0, resurvey_scenes=6, resurvey_caption_singles=0,
                      census_scenes=10, census_crowded_share=0.7, census_caption_singles=1)
@@ -848,10 +848,9 @@ def test_from_shipped_rewrites_the_data_it_was_trained_on_and_goes_on_after_its_
     made = tmp_path / "made"
     stages = {"corpus": {"seconds": 1, "result": {"reused": str(corpus)}}, "clip": {"seconds": 0, "result": {"reused": "clip"}},
               "bundle": {"seconds": 1, "result": None}, "mix": {"seconds": 1, "result": write_mixes(corpus, made, CHAIN)}}
-    text = {"id": "text:0:0", "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Hi."}]}
 
     def distill(bundle, work, recipe):
-        (work / "text_turns.jsonl").write_text(json.dumps(text) + "\n")
+        _write_text_turn(work)
         return {"text_turns": 1}
 
     stages["distill"] = {"seconds": 1, "result": distill(None, made, CHAIN)}
