@@ -96,7 +96,10 @@ def layer_change(model, processor, paths: list[Path]) -> tuple[float, float, int
     return torch.cat(image).median().item(), torch.cat(text).median().item(), layers
 
 
-def probe(train_x, train_y, test_x, test_y, classes: int | None, steps: int = 300) -> float:
+def probe(train_x, train_y, test_x, test_y, classes: int | None, steps: int = 300, predict: bool = False):
+    """A linear probe fit full-batch on standardised features: test accuracy (with `classes`), or
+    (per-label accuracy, all labels right) for multi-label targets; `predict` returns the test
+    predictions instead."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     torch.manual_seed(0)
@@ -114,7 +117,7 @@ def probe(train_x, train_y, test_x, test_y, classes: int | None, steps: int = 30
     with torch.no_grad():
         logits = head(test_x)
     if classes:
-        return (logits.argmax(1) == test_y).float().mean().item()
+        return logits.argmax(1) if predict else (logits.argmax(1) == test_y).float().mean().item()
     hits = (logits > 0).float() == test_y
     return hits.float().mean().item(), hits.all(1).float().mean().item()
 

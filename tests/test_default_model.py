@@ -1176,6 +1176,10 @@ def test_default_build_ships_the_tiles_recipe_and_builds_the_chain_into_work_not
     assert tiles.skip == dm.SKILL_STAGES and tiles.image_tiles == 3 and tiles.clip_patch_size == 16
     assert tiles.tiles_after_align and dm.SHIPPED_RECIPE == "tiles"
     assert chain == Recipe()
+    assert main(["default", "build", "--recipe", "cells", "--work", str(tmp_path / "w3"), "--until", "mix"]) == 0
+    cells_paths, cells = runs[2]
+    assert cells_paths.out == tmp_path / "w3" / "model"  # only tiles ships into the package
+    assert cells == replace(tiles, token_reduction="pixel_shuffle", reduction_factor=2)
     # --recipe's choices are written out so that --help needs no torch: they are RECIPES' names
     with pytest.raises(SystemExit):
         main(["default", "build", "--recipe", "no-such-recipe"])

@@ -270,6 +270,22 @@ def test_image_tiles_put_each_tile_after_its_name(tiny_parts, tmp_path, images):
     assert loaded.config.image_tiles == 2 and loaded_processor.image_ids == processor.image_ids
 
 
+def test_pixel_shuffle_with_tiles_gives_each_tile_one_token_of_its_own_patches(tiny_parts, tmp_path, images):
+    # The "cells" recipe: a 2x2 pixel shuffle whose blocks are the tiles, so each tile's name is
+    # followed by one token, projected from that tile's patches alone (stacked, not averaged).
+    model, processor = build_tiny_bundle(tiny_parts, tmp_path / "cells", reduction="pixel_shuffle", image_tiles=2)
+    inputs = ask(processor, "what ?", images[:1])
+    ids = inputs["input_ids"][0]
+    mask = ids == processor.image_token_id
+    assert int(mask.sum()) == 4
+    assert "\ntop left:#\ntop right:#\nbottom left:#\nbottom right:#" in processor.tokenizer.decode(ids).replace("<image>", "#")
+    patches = model.vision_tower(inputs["pixel_values"])[0]  # (16, D): the 4x4 patch grid, raster order
+    embeds = model.embed(inputs["input_ids"], inputs["pixel_values"])[0, mask]
+    for tile, block in enumerate(([0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15])):
+        stacked = patches[block].T.reshape(1, -1)  # pixel_unshuffle's channel order: feature-major, then the 2x2
+        torch.testing.assert_close(embeds[tile], model.projector.mlp(stacked)[0])
+
+
 def test_image_tiles_must_divide_the_token_grid(tiny_parts, tmp_path):
     with pytest.raises(ConfigError, match="image_tiles=3 needs a square grid .* 16 tokens per image"):
         build_tiny_bundle(tiny_parts, tmp_path / "bad", image_tiles=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 
 from bench.find_probe import CELLS, fit_and_test, objects
@@ -51,3 +52,28 @@ def test_find_probe_takes_objects_that_appear_once_in_scenes_of_two_or_more(tmp_
     assert [p.name for p in paths] == ["b.png", "c.png"]  # a lone object needs no finding
     assert items == [(0, "red", "star", CELLS.index("center"), 3),
                      (1, "blue", "circle", CELLS.index("bottom right"), 2), (1, "-", "bug", CELLS.index("top middle"), 2)]
+
+
+def test_cell_probe_takes_each_cell_of_every_non_emoji_object_and_its_patches(tmp_path):
+    from bench.cell_probe import cell_patches, cells
+
+    rows = [
+        {"image": "a.png", "objects": [
+            {"kind": "shape", "key": "star", "cells": ["top left"]},
+            {"kind": "emoji", "key": "frog face", "cells": ["center"]},  # a thousand names, a few pictures each
+            {"kind": "fashion", "key": "sandal", "cells": ["bottom right", "middle left"]}]},
+        {"image": "b.png", "objects": [{"kind": "clipart", "key": "arrow", "cells": ["top right"]}]},
+    ]
+    (tmp_path / "layouts_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cells(tmp_path, "train", limit=1) == [
+        (tmp_path / "a.png", (0, 0), "shape", "shape:star"),
+        (tmp_path / "a.png", (2, 2), "fashion", "fashion:sandal"),
+        (tmp_path / "a.png", (1, 0), "fashion", "fashion:sandal")]
+    assert cells(tmp_path, "train", limit=5)[-1] == (tmp_path / "b.png", (0, 2), "clipart", "clipart:arrow")
+    # 96 px in 16 px patches: a 6x6 grid, each cell 2x2 patches, raster order
+    assert cell_patches(6, 0, 0) == [0, 1, 6, 7]
+    assert cell_patches(6, 1, 2) == [16, 17, 22, 23]
+    assert sorted(i for r in range(3) for c in range(3) for i in cell_patches(6, r, c)) == list(range(36))
+    assert cell_patches(3, 2, 1) == [7]
+    with pytest.raises(ValueError, match="8x8 patch grid"):
+        cell_patches(8, 0, 0)
