@@ -33,11 +33,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.attention_probe import CELLS, cell_tokens  # noqa: E402
 from bench.probe_vision import probe  # noqa: E402
-from training.corpus.scenes import CELL_NAMES  # noqa: E402
-
-CELL_OF = {name: rc for rc, name in CELL_NAMES.items()}
-GRID_CELLS = 3
+from training.corpus.scenes import CELL_NAMES, GRID  # noqa: E402
 
 
 def cells(corpus: Path, split: str, limit: int) -> list[tuple[Path, tuple[int, int], str, str]]:
@@ -51,17 +49,17 @@ def cells(corpus: Path, split: str, limit: int) -> list[tuple[Path, tuple[int, i
             for obj in row["objects"]:
                 if obj["kind"] == "emoji":
                     continue
-                items.extend((corpus / row["image"], CELL_OF[cell], obj["kind"], f"{obj['kind']}:{obj['key']}")
+                items.extend((corpus / row["image"], CELLS[cell], obj["kind"], f"{obj['kind']}:{obj['key']}")
                              for cell in obj["cells"])
     return items
 
 
 def cell_patches(side: int, row: int, col: int) -> list[int]:
-    """Raster indices of the patches of a side x side grid that fall in cell (row, col) of the 3x3 grid."""
-    if side % GRID_CELLS:
-        raise ValueError(f"a {side}x{side} patch grid does not split into {GRID_CELLS}x{GRID_CELLS} cells")
-    step = side // GRID_CELLS
-    return [(row * step + r) * side + col * step + c for r in range(step) for c in range(step)]
+    """Raster indices of the patches of a side x side grid that fall in cell (row, col) of the 3x3 grid:
+    only a grid the cells split evenly, so no patch is shared with a neighbour."""
+    if side % GRID:
+        raise ValueError(f"a {side}x{side} patch grid does not split into {GRID}x{GRID} cells")
+    return cell_tokens(CELL_NAMES[(row, col)], side)
 
 
 @torch.no_grad()
@@ -78,12 +76,12 @@ def features(tower, processor, items, batch: int = 64) -> dict[str, torch.Tensor
         side = math.isqrt(scene.shape[1])
         out["in the scene"].append(torch.stack([scene[k, cell_patches(side, *rc)].flatten()
                                                 for k, (_, rc, *_rest) in enumerate(chunk)]))
-        size = images[0].width // GRID_CELLS
+        size = images[0].width // GRID
         crops = [image.crop((size * c, size * r, size * (c + 1), size * (r + 1))).resize(image.size, Image.BICUBIC)
                  for image, (_, (r, c), *_rest) in zip(images, chunk)]
         crop = tower(processor.preprocess_images(crops))
         grid = crop.transpose(1, 2).reshape(len(chunk), -1, side, side)  # (n, D, side, side)
-        blocks = torch.nn.functional.adaptive_avg_pool2d(grid, side // GRID_CELLS)
+        blocks = torch.nn.functional.adaptive_avg_pool2d(grid, side // GRID)
         out["crop, blocks"].append(blocks.flatten(2).transpose(1, 2).flatten(1))
         out["crop, mean"].append(crop.mean(1))
     return {name: torch.cat(parts) for name, parts in out.items()}
