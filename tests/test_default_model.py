@@ -967,6 +967,31 @@ def test_an_interrupted_stage_counts_the_time_spent_before_the_kill(corpus, tmp_
 
 
 @needs_sources
+def test_a_running_stage_keeps_its_time_so_far_on_disk_so_a_sigkill_loses_little(corpus, tmp_path, tiny_parts, monkeypatch):
+    import time
+
+    import training.default_model as recipe_module
+
+    recipe = replace(SMALL, llm=str(tiny_parts["llm"]))
+    paths = BuildPaths(work=tmp_path / "work", corpus=corpus, clip="shipped", out=tmp_path / "shipped")
+    real_write_mixes, on_disk = recipe_module.write_mixes, []
+
+    def slow(*args):  # what a SIGKILL now would leave behind: the state file as it is
+        time.sleep(0.5)
+        on_disk.append(json.loads((paths.work / "state.json").read_text()))
+        return real_write_mixes(*args)
+
+    monkeypatch.setattr(recipe_module, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(recipe_module, "write_mixes", slow)
+    state = build_default(paths, recipe, until="mix")
+    assert "mix" not in on_disk[0]["stages"]
+    assert 0.3 <= on_disk[0]["unfinished_seconds"]["mix"] <= state["stages"]["mix"]["seconds"]
+    assert state["stages"]["mix"]["seconds"] >= 0.5 and "mix" not in state["unfinished_seconds"]
+    assert json.loads((paths.work / "state.json").read_text()) == state
+    assert not list(paths.work.glob("*.partial"))
+
+
+@needs_sources
 def test_lone_object_mix_holds_every_position_question_of_one_object_scenes(corpus, tmp_path):
     from bench.lone_objects import write
 

@@ -61,6 +61,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -1172,6 +1173,7 @@ RECIPES = {
     "chain": {},
 }
 SHIPPED_RECIPE = "tiles"  # the recipe whose build ships into vlm_chat/assets/default
+HEARTBEAT_SECONDS = 60.0  # how often a running stage writes its time so far into state.json
 FINAL_STAGE = "census"  # the last training stage of the build (the one shipped unless a recipe skips it)
 # The stages that train a bundle, in build order (each one's output is WORK/<stage>): align
 # and instruct on the files the mix stage wrote, every later one on its own mix.
@@ -1305,8 +1307,10 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
     unfinished = state.setdefault("unfinished_seconds", {})  # stages that were interrupted, time spent so far
     w = paths.work
 
-    def save_state() -> None:
-        state_file.write_text(json.dumps(state, indent=1))
+    def save_state() -> None:  # written whole then renamed: a kill mid-write leaves the last state, not half of one
+        partial = state_file.with_suffix(".json.partial")
+        partial.write_text(json.dumps(state, indent=1))
+        partial.replace(state_file)
 
     changed = first_changed_stage(state.get("recipe"), wanted) if stages else None
     reason = "the recipe changed here"
@@ -1384,15 +1388,28 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
             print(f"[{stage}] done before ({stages[stage]['seconds']:.0f} s), skipped", flush=True)
         else:
             print(f"[{stage}] starting", flush=True)
-            start = time.monotonic()
+            before, start = unfinished.get(stage, 0.0), time.monotonic()
+            stop = threading.Event()
+
+            def beat() -> None:  # the time spent so far, on disk every beat: a SIGKILL (a session's end) loses one beat at most
+                while not stop.wait(HEARTBEAT_SECONDS):
+                    unfinished[stage] = round(before + time.monotonic() - start, 1)
+                    save_state()
+
+            heart = threading.Thread(target=beat, daemon=True)
+            heart.start()
             try:
                 result = runners[stage]()
-            except BaseException:  # killed or failed: the time spent so far still counts
-                unfinished[stage] = round(unfinished.get(stage, 0.0) + time.monotonic() - start, 1)
+            except BaseException:  # failed or interrupted: the time spent so far still counts
+                stop.set()
+                heart.join()
+                unfinished[stage] = round(before + time.monotonic() - start, 1)
                 save_state()
                 raise
-            spent = unfinished.pop(stage, 0.0) + time.monotonic() - start
-            stages[stage] = {"seconds": round(spent, 1), "result": result}
+            stop.set()
+            heart.join()
+            unfinished.pop(stage, None)
+            stages[stage] = {"seconds": round(before + time.monotonic() - start, 1), "result": result}
             save_state()
             print(f"[{stage}] done in {stages[stage]['seconds']:.0f} s", flush=True)
         if stage == until:
