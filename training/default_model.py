@@ -1400,16 +1400,12 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
             heart.start()
             try:
                 result = runners[stage]()
-            except BaseException:  # failed or interrupted: the time spent so far still counts
+            finally:  # done, failed or interrupted: the time spent so far counts
                 stop.set()
                 heart.join()
                 unfinished[stage] = round(before + time.monotonic() - start, 1)
                 save_state()
-                raise
-            stop.set()
-            heart.join()
-            unfinished.pop(stage, None)
-            stages[stage] = {"seconds": round(before + time.monotonic() - start, 1), "result": result}
+            stages[stage] = {"seconds": unfinished.pop(stage), "result": result}
             save_state()
             print(f"[{stage}] done in {stages[stage]['seconds']:.0f} s", flush=True)
         if stage == until:
