@@ -19,6 +19,13 @@ sorts the answers to "What is in the <cell>?" by the kind of object in that cell
 what went wrong: another object of the scene (found the wrong cell), the right colour
 and the wrong shape (found the cell, could not tell the shape), the right shape in the
 wrong colour, or a thing the scene does not hold.
+
+    python bench/confusions.py EVAL_DIR/predictions.jsonl --layouts CORPUS/layouts_test.jsonl --counting
+
+splits the count questions into "how many objects in all?" and "how many <things>?",
+the latter by the kind of thing asked about ("absent" when the scene holds none), and
+counts the wrong answers that gave the scene's total instead: a model that counts the
+whole scene well but not one kind of thing in it fails at finding that kind.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from training.corpus.scenes import CELL_NAMES
+from training.corpus.templates import QUESTIONS, plural
 from training.evaluate import normalize_answer
 
 
@@ -92,6 +100,35 @@ def naming_errors(rows: list[dict], layouts: dict[str, dict]) -> dict[str, Count
     return dict(table)
 
 
+COUNT_TOTAL = frozenset(QUESTIONS["count_total"])
+
+
+def counting_errors(rows: list[dict], layouts: dict[str, dict]) -> dict[str, Counter]:
+    """what a count question asks about ("in all", or the kind of thing named: shape, fashion,
+    ..., "absent") -> "asked", "right" and "said the total" (wrong, with the scene's total),
+    for count questions on scenes in `layouts`."""
+    table: dict[str, Counter] = defaultdict(Counter)
+    for row in rows:
+        if row.get("type") != "count" or "question" not in row:
+            continue
+        layout = next((layouts[key] for key in _suffixes(row["image"]) if key in layouts), None)
+        if layout is None:
+            continue
+        question = row["question"].removeprefix("<image>\n")
+        if question in COUNT_TOTAL:
+            asked = "in all"
+        else:  # the longest plural that the question names: "pairs of trousers" before "trousers"
+            named = [obj for obj in layout["objects"] if f" {plural(obj['name'])} " in f" {question.rstrip('?.')} "]
+            asked = max(named, key=lambda obj: len(obj["name"]))["kind"] if named else "absent"
+        total = sum(obj["count"] for obj in layout["objects"])
+        said = normalize_answer(row["prediction"])
+        counts = table[asked]
+        counts["asked"] += 1
+        counts["right"] += bool(row["correct"])
+        counts["said the total"] += not row["correct"] and asked != "in all" and said == normalize_answer(str(total))
+    return dict(table)
+
+
 def _suffixes(image: str) -> list[str]:
     parts = Path(image).parts
     return ["/".join(parts[i:]) for i in range(len(parts))]
@@ -108,11 +145,13 @@ def main() -> None:
     parser.add_argument("--min-n", type=int, default=10, help="leave out expected answers asked fewer times")
     parser.add_argument("--layouts", help="corpus layouts_<split>.jsonl: accuracy by objects in the scene instead")
     parser.add_argument("--naming", action="store_true", help="with --layouts: what went wrong naming a cell's object")
+    parser.add_argument("--counting", action="store_true",
+                        help="with --layouts: count questions in all and about one kind of thing, by that kind")
     args = parser.parse_args()
     path = Path(args.predictions)
     rows = _read_jsonl(path)
-    if args.naming and not args.layouts:
-        parser.error("--naming needs --layouts CORPUS/layouts_<split>.jsonl")
+    if (args.naming or args.counting) and not args.layouts:
+        parser.error("--naming and --counting need --layouts CORPUS/layouts_<split>.jsonl")
     if args.layouts:
         layouts = {row["image"]: row for row in _read_jsonl(Path(args.layouts))}
         if args.naming:
@@ -123,6 +162,16 @@ def main() -> None:
             for kind, counts in sorted(table.items(), key=lambda item: -sum(item[1].values())):
                 n = sum(counts.values())
                 print(f"| {kind} | {n} | " + " | ".join(f"{100 * counts[o] / n:.0f} % ({counts[o]})" for o in OUTCOMES) + " |")
+            return
+        if args.counting:
+            table = counting_errors(rows, layouts)
+            print(f"{path}: count questions, by what they ask about")
+            print("| asks about | asked | right | wrong, said the scene's total |")
+            print("|---|---|---|---|")
+            for asked, counts in sorted(table.items(), key=lambda item: -item[1]["asked"]):
+                n = counts["asked"]
+                told = "" if asked == "in all" else f"{counts['said the total']} ({100 * counts['said the total'] / n:.0f} %)"
+                print(f"| {asked} | {n} | {100 * counts['right'] / n:.0f} % ({counts['right']}) | {told} |")
             return
         table = by_objects(rows, layouts)
         sizes = sorted({n for counts in table.values() for n in counts})

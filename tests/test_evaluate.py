@@ -164,6 +164,37 @@ def test_naming_errors_tell_a_wrong_cell_from_a_wrong_shape():
         "fashion": {"another object of the scene": 1, "not in the scene": 1}}
 
 
+def test_counting_errors_tell_counting_the_scene_from_finding_one_kind_in_it():
+    from bench.confusions import counting_errors
+
+    scene = {"objects": [
+        {"name": "red circle", "kind": "shape", "count": 3, "cells": ["top left", "top middle", "top right"]},
+        {"name": "pair of trousers", "kind": "fashion", "count": 1, "cells": ["center"]},
+        {"name": "t-shirt", "kind": "fashion", "count": 1, "cells": ["bottom left"]},
+        {"name": "shirt", "kind": "clipart", "count": 1, "cells": ["bottom right"]}]}  # a name inside another's
+    layouts = {"images/test/scene/000001.png": scene}
+
+    def asked(question: str, prediction: str, correct: bool) -> dict:
+        return {"image": "/c/images/test/scene/000001.png", "question": question, "prediction": prediction,
+                "correct": correct, "type": "count"}
+
+    rows = [asked("<image>\nHow many objects are there in total?", "6", True),
+            asked("How many things are in the picture?", "4", False),
+            asked("How many red circles are there?", "3", True),
+            asked("Count the red circles.", "six", False),  # the scene's total, in words
+            asked("How many pairs of trousers can you see?", "1", True),
+            asked("What is the number of shirts in the image?", "6", False),  # the total, but it was the clip art
+            asked("How many t-shirts are there?", "2", False),
+            asked("How many blue stars are there?", "6", False),
+            asked("Where is the red circle?", "top", False) | {"type": "position"}]
+    assert counting_errors(rows, layouts) == {
+        "in all": {"asked": 2, "right": 1, "said the total": 0},
+        "shape": {"asked": 2, "right": 1, "said the total": 1},
+        "fashion": {"asked": 2, "right": 1, "said the total": 0},
+        "clipart": {"asked": 1, "right": 0, "said the total": 1},
+        "absent": {"asked": 1, "right": 0, "said the total": 1}}
+
+
 def test_clip_shapes_reads_colour_and_shape_off_single_shape_captions(tmp_path):
     from bench.clip_shapes import shape_images
 
