@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vlm_chat.devices import cpu_has_native_bf16
+from vlm_chat.devices import cpu_has_native_bf16, return_freed_memory
 from vlm_chat.errors import ConfigError, UserFacingError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -528,6 +528,7 @@ def train(
     # precision on this one (`vlm-chat default build` runs instruct in fp32, then drill in bf16,
     # in one process; accelerate raised there). The process group (PartialState) is kept.
     AcceleratorState._reset_state()
+    return_freed_memory()  # batches of changing length fragment glibc's heap (vlm_chat/devices.py)
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=_autocast_precision(config))
     set_seed(config.seed)  # python random, numpy, torch (all devices)
     out = Path(config.output_dir)

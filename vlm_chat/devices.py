@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import torch
 
 from vlm_chat.errors import ConfigError
@@ -22,6 +25,26 @@ def cpu_has_native_bf16() -> bool:
     torch emulates bf16 and autocast to it runs far slower than fp32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_freed_memory() -> bool:
+    """Make glibc serve every block of 1 MiB or more with mmap, so a freed tensor's memory goes
+    back to the OS at once. By default glibc raises that threshold (up to 32 MiB) each time
+    it frees such a block and keeps later ones on its heap, where tensors of ever-changing
+    sizes (a batch's sequence length) leave holes it cannot hand back: a CPU training run
+    grew to 24 GB and was killed for it. A MALLOC_MMAP_THRESHOLD_ the user set stands, and
+    off glibc nothing changes. True when the threshold was set here."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return False
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
