@@ -220,12 +220,10 @@ def test_bf16_autocast_only_where_the_cpu_has_it(tmp_path, monkeypatch, native):
 
 # Tensors of changing sizes, as batches of changing length make, after one larger block was
 # freed (which makes glibc keep blocks of up to that size on its heap): the resident memory
-# (MB) after freeing all but small tensors in between.
+# (MB) after freeing all but small tensors in between, and after a trim.
 _HEAP_PROBE = """
-import os, sys, torch
-from vlm_chat.devices import return_freed_memory
-if sys.argv[1] == "fixed":
-    assert return_freed_memory()
+import os, torch
+from vlm_chat.devices import trim_heap
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
 torch.set_num_threads(1)
@@ -235,28 +233,28 @@ start, kept = rss(), []
 for i in range(60):
     kept += [torch.ones((2 << 20) + i * 256), torch.ones(1000)]  # about 8 MB each, a small one between
 kept = [t for t in kept if t.numel() == 1000]
-print(rss() - start)
+held = rss() - start
+trim_heap()
+print(held, rss() - start)
 """
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
-def test_training_gives_freed_tensor_memory_back_to_the_os(monkeypatch):
+def test_trimming_the_heap_gives_freed_tensor_memory_back_to_the_os():
     import subprocess
     import sys
 
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-
-    def held(mode: str) -> int:
-        run = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True)
-        return int(run.stdout.split()[-1])
-
-    if held("plain") < 200:
+    run = subprocess.run([sys.executable, "-c", _HEAP_PROBE], capture_output=True, text=True, check=True)
+    held, trimmed = map(int, run.stdout.split()[-2:])
+    if held < 200:
         pytest.skip("this C library hands freed blocks back by itself")
-    assert held("fixed") < 50  # 480 MB were allocated and freed
+    assert trimmed < 50  # 480 MB were allocated and freed
 
 
-def test_a_malloc_threshold_the_user_set_is_left_alone(monkeypatch):
-    from vlm_chat.devices import return_freed_memory
+def test_the_trainer_trims_the_heap_after_each_step_on_cpu(tmp_path, monkeypatch):
+    import training.trainer as trainer
 
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert return_freed_memory() is False
+    trims = []
+    monkeypatch.setattr(trainer, "trim_heap", lambda: trims.append(1))
+    run(config(tmp_path, "trim", max_steps=3))  # 2 micro-batches a step: a trim per optimizer step
+    assert len(trims) == 3

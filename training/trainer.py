@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vlm_chat.devices import cpu_has_native_bf16, return_freed_memory
+from vlm_chat.devices import cpu_has_native_bf16, trim_heap
 from vlm_chat.errors import ConfigError, UserFacingError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -528,7 +528,6 @@ def train(
     # precision on this one (`vlm-chat default build` runs instruct in fp32, then drill in bf16,
     # in one process; accelerate raised there). The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    return_freed_memory()  # batches of changing length fragment glibc's heap (vlm_chat/devices.py)
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=_autocast_precision(config))
     set_seed(config.seed)  # python random, numpy, torch (all devices)
     out = Path(config.output_dir)
@@ -587,6 +586,7 @@ def train(
     rng_at_step = _rng_state(data_generator)  # RNG as of the last optimizer step: what a checkpoint stores
     window_loss, window_batches, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
     last_loss, eval_loss, checkpoint, last_save_time = float("nan"), None, Path(), time.monotonic()
+    on_cpu = accelerator.device.type == "cpu"
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     with _StopRequest() as stop, progress:  # the bar is closed even when a step raises
         while step < total_steps:
@@ -611,6 +611,8 @@ def train(
                 scheduler.step()
                 rng_at_step = _rng_state(data_generator)
                 progress.update(1)
+                if on_cpu:
+                    trim_heap()  # batches of changing length fragment the C heap (vlm_chat/devices.py)
 
                 if step % config.log_every == 0 or step == total_steps:
                     mean = torch.tensor(window_loss / window_batches, device=accelerator.device)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-import os
+import functools
 
 import torch
 
@@ -27,24 +27,23 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def return_freed_memory() -> bool:
-    """Make glibc serve every block of 1 MiB or more with mmap, so a freed tensor's memory goes
-    back to the OS at once. By default glibc raises that threshold (up to 32 MiB) each time
-    it frees such a block and keeps later ones on its heap, where tensors of ever-changing
-    sizes (a batch's sequence length) leave holes it cannot hand back: a CPU training run
-    grew to 24 GB and was killed for it. A MALLOC_MMAP_THRESHOLD_ the user set stands, and
-    off glibc nothing changes. True when the threshold was set here."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return False
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-        return False
+        libc.malloc_trim  # glibc's own: absent from macOS, Windows and musl
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim). Tensors of ever-changing
+    sizes (a batch's sequence length) leave holes in glibc's heap that it keeps for itself:
+    a CPU training run grew to 24 GB that way and was killed. The trainer calls this after
+    each step on CPU; True when memory was returned. Off glibc, a no-op."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
