@@ -60,7 +60,7 @@ def by_objects(rows: list[dict], layouts: dict[str, dict]) -> dict[str, dict[int
     for row in rows:
         if "question" not in row:
             continue
-        layout = next((layouts[key] for key in _suffixes(row["image"]) if key in layouts), None)
+        layout = _layout_of(row, layouts)
         if layout is None:
             continue
         cell = table[row["type"]][sum(obj["count"] for obj in layout["objects"])]
@@ -80,7 +80,7 @@ def naming_errors(rows: list[dict], layouts: dict[str, dict]) -> dict[str, Count
     for row in rows:
         if row.get("type") != "object" or "question" not in row:
             continue
-        layout = next((layouts[key] for key in _suffixes(row["image"]) if key in layouts), None)
+        layout = _layout_of(row, layouts)
         cell = next((c for c in CELL_NAMES.values() if row["question"].rstrip("?").endswith(f"the {c}")), None)
         if layout is None or cell is None:
             continue
@@ -111,7 +111,7 @@ def counting_errors(rows: list[dict], layouts: dict[str, dict]) -> dict[str, Cou
     for row in rows:
         if row.get("type") != "count" or "question" not in row:
             continue
-        layout = next((layouts[key] for key in _suffixes(row["image"]) if key in layouts), None)
+        layout = _layout_of(row, layouts)
         if layout is None:
             continue
         question = row["question"].removeprefix("<image>\n")
@@ -127,6 +127,11 @@ def counting_errors(rows: list[dict], layouts: dict[str, dict]) -> dict[str, Cou
         counts["right"] += bool(row["correct"])
         counts["said the total"] += not row["correct"] and asked != "in all" and said == normalize_answer(str(total))
     return dict(table)
+
+
+def _layout_of(row: dict, layouts: dict[str, dict]) -> dict | None:
+    """The layout of the row's image (`layouts` keyed by the path relative to the corpus), or None."""
+    return next((layouts[key] for key in _suffixes(row["image"]) if key in layouts), None)
 
 
 def _suffixes(image: str) -> list[str]:
