@@ -189,8 +189,8 @@ def test_bench_steps_resume_after_the_last_finished_step_and_stop_at_until(tmp_p
     commands = {stage: [stage] for stage in default_model.TRAINING_STAGES}
     steps = ("prep", "tiles", "align", "instruct", "eval", *default_model.BENCH_LATER_STEPS)
     assert steps[5:9] == ("drill", "drill-eval", "review", "lone")
-    assert steps[-10:] == ("discern", "discern-eval", "survey", "survey-eval", "resurvey", "resurvey-eval", "census",
-                           "census-eval", "headcount", "headcount-eval")
+    assert steps[-8:] == ("discern", "discern-eval", "survey", "survey-eval", "resurvey", "resurvey-eval", "census",
+                          "census-eval")
     for name in ("eval_triples.jsonl", "eval_captions.jsonl"):
         (base / name).write_text("{}\n")
     (base / "align.jsonl").write_text("{}\n")
@@ -690,15 +690,14 @@ def test_resurvey_asks_only_scenes_survey_did_not(corpus, tmp_path):
 
 
 @needs_sources
-def test_census_and_headcount_ask_fresh_mostly_crowded_scenes_every_object_by_its_cell(corpus, tmp_path):
+def test_census_asks_fresh_mostly_crowded_scenes_every_object_by_its_cell(corpus, tmp_path):
     from training.corpus.scenes import CELL_NAMES
-    from training.default_model import CROWDED, objects_in, write_census, write_headcount
+    from training.default_model import CROWDED, objects_in, write_census
 
     _write_text_turn(tmp_path)
     layouts = {r["image"]: r for r in _rows(corpus / "layouts_train.jsonl")}
     recipe = replace(SMALL, survey_scenes=6, survey_caption_singles=0, resurvey_scenes=6, resurvey_caption_singles=0,
-                     census_scenes=10, census_crowded_share=0.7, census_caption_singles=1,
-                     headcount_scenes=8, headcount_crowded_share=0.75, headcount_caption_singles=0)
+                     census_scenes=10, census_crowded_share=0.7, census_caption_singles=1)
     write_survey(corpus, tmp_path, recipe)
     write_resurvey(corpus, tmp_path, recipe)
     counts = write_census(corpus, tmp_path, recipe)
@@ -724,17 +723,6 @@ def test_census_and_headcount_ask_fresh_mostly_crowded_scenes_every_object_by_it
         shutil.copy2(tmp_path / f"{name}.jsonl", again)
     write_census(corpus, again, recipe)
     assert (again / "census.jsonl").read_bytes() == (tmp_path / "census.jsonl").read_bytes()
-    # headcount: the census way on scenes none of the three asked about, 75 % of them crowded
-    counts = write_headcount(corpus, tmp_path, recipe)
-    census_asked = {r["image"] for r in scenes}
-    later = [r for r in _rows(tmp_path / "headcount.jsonl") if r["id"].startswith("headcount:")]
-    assert len(later) == 8 and not {r["image"] for r in later} & (asked_before | census_asked)
-    placed = [objects_in(layouts[str(Path(r["image"]).relative_to(root))]) for r in later]
-    assert sum(n >= CROWDED for n in placed) == counts["crowded_scenes"] == 6
-    for r, n in zip(later, placed):
-        questions = [turn["value"].removeprefix("<image>\n") for turn in r["conversations"][::2]]
-        assert sum(q in by_cell for q in questions) == n
-    assert counts["caption_singles"] == 0 and not check_samples([tmp_path / "headcount.jsonl"])[1]
 
 
 @needs_sources
@@ -1093,11 +1081,10 @@ def test_a_skipped_stage_is_left_out_and_the_next_one_goes_on_from_the_last_one_
     assert model_of(full["survey"]) == "/w/discern" and model_of(short["survey"]) == "/w/drill"
     assert model_of(short["drill"]) == model_of(full["drill"]) == "/w/instruct"
     assert model_of(short["resurvey"]) == "/w/survey" and model_of(short["census"]) == "/w/resurvey"
-    assert model_of(short["headcount"]) == "/w/census"
     assert not set(between) & set(short)
     assert short["survey"][short["survey"].index("--data") + 1] == "/w/survey.jsonl"  # its own mix still
     assert bench_later_steps(between) == ("drill", "drill-eval", "survey", "survey-eval", "resurvey", "resurvey-eval",
-                                          "census", "census-eval", "headcount", "headcount-eval")
+                                          "census", "census-eval")
     with pytest.raises(UserFacingError, match="cannot skip align, instruct: only the stages after instruct"):
         stage_commands(paths, replace(Recipe(), skip=("align", "instruct")))
 
@@ -1123,19 +1110,17 @@ def test_a_recipe_that_skips_stages_writes_their_mixes_trains_the_rest_in_a_chai
     monkeypatch.setattr(dm, "_cli", cli)
     monkeypatch.setattr(dm, "distill_text_turns", distill)
     monkeypatch.setattr(dm, "evaluate_bundle", lambda bundle, *rest, **kw: evaluated.append(bundle.name))
-    recipe = replace(CHAIN, survey_scenes=3, resurvey_scenes=3, census_scenes=3, headcount_scenes=3,
-                     skip=dm.SKILL_STAGES)
+    recipe = replace(CHAIN, survey_scenes=3, resurvey_scenes=3, census_scenes=3, skip=dm.SKILL_STAGES)
     paths = dm.BuildPaths(work=tmp_path / "work", corpus=corpus, clip="shipped", out=tmp_path / "shipped")
     state = dm.build_default(paths, recipe)
     trained = {argv[argv.index("--out") + 1].split("/")[-1]: argv for argv in ran if argv[0] == "train"}
-    assert list(trained) == ["align", "instruct", "drill", "survey", "resurvey", "census", "headcount"]
+    assert list(trained) == ["align", "instruct", "drill", "survey", "resurvey", "census"]
     assert _model_of(trained["survey"]).endswith("/work/drill") and _model_of(trained["resurvey"]).endswith("/work/survey")
     assert _model_of(trained["census"]).endswith("/work/resurvey")
-    assert _model_of(trained["headcount"]).endswith("/work/census")
     for stage in dm.SKILL_STAGES:  # each mix written (later ones may read it), nothing trained on it
         assert (paths.work / f"{stage}.jsonl").is_file() and not (paths.work / stage).exists(), stage
         assert state["stages"][stage]["result"]["trained"] is False
-    assert evaluated == ["headcount"] and (paths.out / "vlm_config.json").is_file()
+    assert evaluated == ["census"] and (paths.out / "vlm_config.json").is_file()
     assert json.loads((paths.work / "state.json").read_text())["recipe"]["skip"] == list(dm.SKILL_STAGES)
     # The same recipe with one stage less skipped trains again from that stage on.
     ran.clear()
@@ -1191,7 +1176,7 @@ def test_cell_tiles_runs_the_tiles_recipe_with_this_runs_tiles_and_skipped_stage
     monkeypatch.setattr(sys, "argv", [*argv, "--tiles", "2", "--skip", ",".join(SKILL_STAGES)])
     cell_tiles.main()
     assert seen["steps"] == ("tiles", "instruct", "eval", "drill", "drill-eval", "survey", "survey-eval", "resurvey",
-                             "resurvey-eval", "census", "census-eval", "headcount", "headcount-eval")
+                             "resurvey-eval", "census", "census-eval")
     recipe = seen["recipe"]
     assert (recipe.image_tiles, recipe.token_reduction, recipe.clip_patch_size) == (2, "none", 16)
     assert recipe.drill["mixed_precision"] == "no" and "--group-by-length" in seen["commands"]["drill"]

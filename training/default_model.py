@@ -45,9 +45,6 @@
   census    the same again on training scenes neither survey used, most of them
             crowded (4-6 objects, where counting and placing fail most), with every
             object named by its cell and more relations
-  headcount the census way once more, on training scenes none of the three asked
-            about, more of them crowded (counting four to six objects was still
-            the weakest skill after census)
   eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
@@ -79,7 +76,7 @@ from vlm_chat.errors import UserFacingError
 
 STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "review", "lone", "consolidate",
           "crowd", "recall", "tally", "recount", "tint", "retint", "discern", "survey", "resurvey",
-          "census", "headcount", "eval", "ship")
+          "census", "eval", "ship")
 SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "vlm_chat" / "assets" / "clip"
 
 
@@ -248,17 +245,9 @@ class Recipe:
     census_no_per_yes: float = 1.2
     census_caption_singles: int = 200
     census: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
-    # After census (MODEL_CARD.md) counting was 74.1 %, 0.9 under its bar: 85-92 % up to
-    # three objects, 62-68 % from four on. headcount asks fresh scenes the census way, more
-    # of them crowded.
-    headcount_scenes: int = 2000  # training scenes none of survey, resurvey and census asked about
-    headcount_crowded_share: float = 0.7
-    headcount_no_per_yes: float = 1.2
-    headcount_caption_singles: int = 200
-    headcount: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
     # Later stages that write their mix but do not train: the next stage goes on from the
     # last one that did. Every mix is still written, so each stage's data stay those of the
-    # full chain (the `tiles` recipe of RECIPES runs instruct, drill, survey, resurvey, census and headcount).
+    # full chain (the `tiles` recipe of RECIPES runs instruct, drill, survey, resurvey and census).
     skip: tuple[str, ...] = ()
     eval_questions: int = 3000
     eval_caption_images: int = 400
@@ -295,8 +284,6 @@ STAGE_FIELDS = {
     "survey": ("seed", "survey_scenes", "survey_caption_singles", "survey"),
     "resurvey": ("seed", "resurvey_scenes", "resurvey_no_per_yes", "resurvey_caption_singles", "resurvey"),
     "census": ("seed", "census_scenes", "census_crowded_share", "census_no_per_yes", "census_caption_singles", "census"),
-    "headcount": ("seed", "headcount_scenes", "headcount_crowded_share", "headcount_no_per_yes",
-                  "headcount_caption_singles", "headcount"),
     "eval": ("eval_batch_size",),
     "ship": (),
 }
@@ -831,21 +818,11 @@ def write_census(corpus: Path, work: Path, recipe: Recipe) -> dict:
                              CENSUS_LIMITS)
 
 
-def write_headcount(corpus: Path, work: Path, recipe: Recipe) -> dict:
-    """headcount.jsonl: as census.jsonl, on `headcount_scenes` training scenes none of
-    survey.jsonl, resurvey.jsonl and census.jsonl asked about."""
-    return _write_survey_mix(corpus, work, "headcount", random.Random(recipe.seed + 111), recipe.headcount_scenes,
-                             _used_scenes(work, (("survey.jsonl", "survey:"), ("resurvey.jsonl", "resurvey:"),
-                                                 ("census.jsonl", "census:"))),
-                             recipe.headcount_no_per_yes, recipe.headcount_caption_singles,
-                             recipe.headcount_crowded_share, CENSUS_LIMITS)
-
-
 # The stages that write their own data file before they train, in build order.
 MIX_WRITERS = {"drill": write_drill, "review": write_review, "lone": write_lone, "consolidate": write_consolidate,
                "crowd": write_crowd, "recall": write_recall, "tally": write_tally, "recount": write_recount,
                "tint": write_tint, "retint": write_retint, "discern": write_discern, "survey": write_survey,
-               "resurvey": write_resurvey, "census": write_census, "headcount": write_headcount}
+               "resurvey": write_resurvey, "census": write_census}
 # Every mix of the build that talks about training scenes, in build order, as (file in
 # WORK, id prefix of its scene conversations): a later mix takes scenes none before used.
 SCENE_MIXES = (("instruct_images.jsonl", "scene:"),
@@ -1097,7 +1074,7 @@ def evaluate_bundle(bundle: Path, data: Path, dest: Path, batch_size: int, basel
 # exists, so a rerun resumes where the last one stopped. A training stage trains on a
 # copy of the base build's mix for it (same data and order as the build's model had),
 # and an eval follows the stages where MODEL_CARD.md reports the build's own model.
-BENCH_EVAL_AFTER = ("drill", "consolidate", "recall", "recount", "retint", "discern", "survey", "resurvey", "census", "headcount")
+BENCH_EVAL_AFTER = ("drill", "consolidate", "recall", "recount", "retint", "discern", "survey", "resurvey", "census")
 BENCH_EVALS = {"eval": ("instruct", "eval"),  # step: (bundle, its eval dir)
                **{f"{stage}-eval": (stage, f"eval_{stage}") for stage in BENCH_EVAL_AFTER}}
 
@@ -1178,7 +1155,7 @@ SKILL_STAGES = ("review", "lone", "consolidate", "crowd", "recall", "tally", "re
 # The build's recipes by name (`vlm-chat default build --recipe NAME`): the changes each
 # makes to Recipe(). "tiles" makes vlm_chat/assets/default (since 2026-12-01): the grid CLIP,
 # each cell's image tokens after its name (from instruct on, as its run did), and instruct,
-# drill, survey, resurvey, census and headcount in place of the chain of fourteen. Its drill runs in
+# drill, survey, resurvey and census in place of the chain of fourteen. Its drill runs in
 # fp32 (bf16 autocast slowed the chain's drill as it ran) with batches grouped by length (a
 # quarter of the drill's token slots were padding, bench/padding.py). "chain" is the
 # recipe of the model shipped before it: the 64 px CLIP and every stage (MODEL_CARD.md;
@@ -1197,7 +1174,7 @@ RECIPES = {
 }
 SHIPPED_RECIPE = "tiles"  # the recipe whose build ships into vlm_chat/assets/default
 HEARTBEAT_SECONDS = 60.0  # how often a running stage writes its time so far into state.json
-FINAL_STAGE = "headcount"  # the last training stage of the build (the one shipped unless a recipe skips it)
+FINAL_STAGE = "census"  # the last training stage of the build (the one shipped unless a recipe skips it)
 # The stages that train a bundle, in build order (each one's output is WORK/<stage>): align
 # and instruct on the files the mix stage wrote, every later one on its own mix.
 TRAINING_STAGES = ("align", "instruct", *MIX_WRITERS)
