@@ -1,6 +1,7 @@
 """LoRA instruct-stage training speed: our trainer against a bare PyTorch loop, one run.
 
     python bench/bench_train.py [--bundle DIR] [--steps 12] [--batch-size 4]
+    python bench/bench_train.py --bundle BUNDLE --data WORK/census.jsonl --vision full --batch-size 8
 
 Both sides train the same model (the bundle's SmolLM2 + projector, LoRA r=16 on all
 LLM linear layers, frozen vision tower) on the same batches of generated
@@ -10,16 +11,28 @@ output head computed only where labels are), once in fp32 and once with
 `--mixed-precision bf16` (autocast; pays off on CPUs with AMX or AVX512-BF16);
 "bare" is forward (the model's full loss) / backward / AdamW step in a plain
 for-loop. The first two steps of each are warm-up and not timed.
+
+`--data FILE` times a build stage's own mix instead (its first steps x batch-size rows,
+in file order, so every run trains on the same batches). The baseline is ours in fp32 on
+glibc's malloc with nothing done to it, measured first and last; between them ours
+calling malloc_trim after each step, ours trimming only when the process is large (the
+trainer's way, `vlm_chat/devices.py:trim_heap_when_large`), and ours in fp32 and bf16 on
+glibc, jemalloc and tcmalloc (LD_PRELOAD, where installed); `--only` picks some. The
+bare loop's full-vocabulary loss over such long conversations does not fit in 24 GB at
+batch 8. `--vision full` trains the vision tower too, as the build's stages do.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +58,26 @@ def make_triples(folder: Path, n: int) -> Path:
     return path
 
 
-def bare_loop(bundle: str, data: Path, steps: int, batch_size: int) -> float:
+def first_rows(source: Path, n: int, dest: Path) -> Path:
+    """The first n rows of a mix file, image paths made absolute (they are relative to
+    the file they are in), so every loop trains on the same batches."""
+    rows = []
+    with source.open() as f:
+        for line in f:
+            if len(rows) == n:
+                break
+            row = json.loads(line)
+            if row.get("image"):
+                row["image"] = str((source.parent / row["image"]).resolve())
+            rows.append(row)
+    if len(rows) < n:
+        raise SystemExit(f"{source} has {len(rows)} rows; --steps x --batch-size needs {n}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dest
+
+
+def bare_loop(bundle: str, data: Path, steps: int, batch_size: int, vision: str = "frozen") -> float:
     import torch
 
     from adapters.lora import LoraSettings
@@ -55,7 +87,7 @@ def bare_loop(bundle: str, data: Path, steps: int, batch_size: int) -> float:
 
     torch.manual_seed(0)
     model, processor = VisionLanguageModel.from_pretrained(bundle, device="cpu", quantization="none")
-    apply_plan(model, TrainablePlan("frozen", "full", "lora"), LoraSettings())
+    apply_plan(model, TrainablePlan(vision, "full", "lora"), LoraSettings())
     samples, _ = load_samples([data])
     dataset = ConversationDataset(samples, processor, model.max_context)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
@@ -74,11 +106,24 @@ def bare_loop(bundle: str, data: Path, steps: int, batch_size: int) -> float:
     return timed_samples / (time.perf_counter() - start)
 
 
-def ours(bundle: str, data: Path, steps: int, batch_size: int, out: Path, precision: str = "no") -> float:
-    cmd = [sys.executable, "-m", "cli", "train", "--stage", "instruct", "--model", bundle, "--data", str(data),
+# The CLI with the trainer's heap trim after each step (`trim_heap_when_large`) replaced:
+# never, or on every step (as the trainer did on 2026-12-02).
+TRIM_LAUNCH = ("import sys, training.trainer as t, vlm_chat.devices as d; t.trim_heap_when_large = {}; "
+               "from cli.main import main; sys.exit(main())")
+TRIMS = {"when large": None, "never": "lambda: False", "each step": "lambda: d.trim_heap()"}
+
+
+def ours(bundle: str, data: Path, steps: int, batch_size: int, out: Path, precision: str = "no",
+         vision: str = "frozen", trim: str = "when large", preload: str | None = None) -> float:
+    """samples/s of `vlm-chat train --stage instruct`; `preload` runs it on another malloc
+    (LD_PRELOAD of jemalloc or tcmalloc)."""
+    launch = ["-c", TRIM_LAUNCH.format(TRIMS[trim])] if TRIMS[trim] else ["-m", "cli"]
+    env = {**os.environ, "LD_PRELOAD": preload} if preload else None
+    cmd = [sys.executable, *launch, "train", "--stage", "instruct", "--model", bundle, "--data", str(data),
            "--out", str(out), "--max-steps", str(steps), "--batch-size", str(batch_size), "--log-every", "1",
-           "--val-fraction", "0", "--save-every", "0", "--mixed-precision", precision]
-    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
+           "--val-fraction", "0", "--save-every", "0", "--mixed-precision", precision,
+           "--vision", vision, "--in-order"]
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=env)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "samples_per_s" in r and r["step"] > WARMUP]
     # Each record covers one step of batch_size samples: the mean of per-step times.
@@ -86,29 +131,67 @@ def ours(bundle: str, data: Path, steps: int, batch_size: int, out: Path, precis
     return len(timed) * batch_size / seconds
 
 
+def mix_variants(trim_above: float) -> dict[str, dict]:
+    """The runs of ours timed against the baseline (fp32, glibc's malloc, no trim) with
+    --data: ours' keyword arguments by name. Allocators only where installed."""
+    variants = {"trim after each step": {"trim": "each step"},
+                f"trim above {trim_above:.0%} of memory": {}}  # the trainer's own way
+    allocators = {name: lib for name in ("jemalloc", "tcmalloc_minimal") if (lib := ctypes.util.find_library(name))}
+    for precision in ("no", "bf16"):
+        label = "" if precision == "no" else "bf16"
+        if label:
+            variants[label] = {"precision": "bf16", "trim": "never"}
+        for name, lib in allocators.items():
+            variants[" + ".join(filter(None, (label, name)))] = {"precision": precision, "trim": "never", "preload": lib}
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default=None, help="default: build one like bench_generate.py does")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--data", type=Path, help="a mix file to time (default: generated triples)")
+    parser.add_argument("--vision", choices=("frozen", "full"), default="frozen", help="what trains in the vision tower")
+    parser.add_argument("--only", help="with --data: the variants to time, comma-separated (default: all)")
     args = parser.parse_args()
     from bench.bench_generate import default_bundle
+    from vlm_chat.devices import TRIM_ABOVE
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         bundle = args.bundle or default_bundle(tmp)
-        data = make_triples(tmp / "data", 64)
-        bare = bare_loop(bundle, data, args.steps, args.batch_size)
-        ours_speed = ours(bundle, data, args.steps, args.batch_size, tmp / "run")
-        ours_bf16 = ours(bundle, data, args.steps, args.batch_size, tmp / "run-bf16", "bf16")
-        bare_again = bare_loop(bundle, data, args.steps, args.batch_size)  # bracket ours against drift
-    base = (bare + bare_again) / 2
-    print(f"LoRA instruct stage, batch {args.batch_size}, {args.steps - WARMUP} timed steps")
-    print(f"{'loop':<11} {'samples/s':>10} {'vs bare':>8}")
-    print(f"{'bare':<11} {base:>10.2f} {1.0:>8.3f}   (runs: {bare:.2f}, {bare_again:.2f})")
-    print(f"{'ours':<11} {ours_speed:>10.2f} {ours_speed / base:>8.3f}")
-    print(f"{'ours, bf16':<11} {ours_bf16:>10.2f} {ours_bf16 / base:>8.3f}")
-
+        if args.data:
+            data = first_rows(args.data, args.steps * args.batch_size, tmp / "data" / "rows.jsonl")
+        else:
+            data = make_triples(tmp / "data", 64)
+        if args.data:
+            # The bare loop's full-vocabulary loss over a stage's long conversations does not
+            # fit in 24 GB at batch 8, so the baseline is ours on glibc's malloc left alone,
+            # in fp32, measured first and last.
+            run = partial(ours, bundle, data, args.steps, args.batch_size, vision=args.vision)
+            variants = mix_variants(TRIM_ABOVE)
+            chosen = args.only.split(",") if args.only else list(variants)
+            if unknown := [name for name in chosen if name not in variants]:
+                parser.error(f"--only: no variant {', '.join(unknown)}; choose from: {', '.join(variants)}")
+            first = run(tmp / "run", trim="never")
+            speeds = {name: run(tmp / f"run-{i}", **variants[name]) for i, name in enumerate(chosen)}
+            last = run(tmp / "run-again", trim="never")
+            baseline, runs = "fp32, glibc", (first, last)
+        else:
+            bare = bare_loop(bundle, data, args.steps, args.batch_size, args.vision)
+            speeds = {"ours": ours(bundle, data, args.steps, args.batch_size, tmp / "run", vision=args.vision),
+                      "ours, bf16": ours(bundle, data, args.steps, args.batch_size, tmp / "run-bf16", "bf16",
+                                         args.vision)}
+            bare_again = bare_loop(bundle, data, args.steps, args.batch_size, args.vision)  # bracket ours against drift
+            baseline, runs = "bare", (bare, bare_again)
+    base = sum(runs) / 2
+    print(f"LoRA instruct stage, vision {args.vision}, batch {args.batch_size}, {args.steps - WARMUP} timed steps, "
+          f"data: {args.data or 'generated triples'}")
+    print(f"{'loop':<26} {'samples/s':>10} {'vs base':>8}")
+    print(f"{baseline:<26} {base:>10.2f} {1.0:>8.3f}   (runs: {runs[0]:.2f}, {runs[1]:.2f})")
+    for name, speed in speeds.items():
+        print(f"{name:<26} {speed:>10.2f} {speed / base:>8.3f}")
 
 if __name__ == "__main__":
     main()

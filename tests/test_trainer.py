@@ -251,10 +251,57 @@ def test_trimming_the_heap_gives_freed_tensor_memory_back_to_the_os():
     assert trimmed < 50  # 480 MB were allocated and freed
 
 
-def test_the_trainer_trims_the_heap_after_each_step_on_cpu(tmp_path, monkeypatch):
+def test_the_trainer_checks_the_heap_after_each_step_on_cpu(tmp_path, monkeypatch):
     import training.trainer as trainer
 
+    checks = []
+    monkeypatch.setattr(trainer, "trim_heap_when_large", lambda: checks.append(1))
+    run(config(tmp_path, "trim", max_steps=3))  # 2 micro-batches a step: a check per optimizer step
+    assert len(checks) == 3
+
+
+def test_the_heap_is_trimmed_only_when_the_process_holds_more_than_its_share(monkeypatch):
+    import vlm_chat.devices as devices
+
     trims = []
-    monkeypatch.setattr(trainer, "trim_heap", lambda: trims.append(1))
-    run(config(tmp_path, "trim", max_steps=3))  # 2 micro-batches a step: a trim per optimizer step
-    assert len(trims) == 3
+    monkeypatch.setattr(devices, "trim_heap", lambda: trims.append(1) or True)
+    monkeypatch.setattr(devices, "physical_memory", lambda: 24 << 30)
+    for rss, trimmed in ((5 << 30, False), (12 << 30, False), (13 << 30, True)):
+        monkeypatch.setattr(devices, "resident_bytes", lambda rss=rss: rss)
+        assert devices.trim_heap_when_large(0.5) is trimmed
+    assert len(trims) == 1
+    monkeypatch.setattr(devices, "resident_bytes", lambda: None)  # no /proc: nothing to decide on
+    assert devices.trim_heap_when_large(0.0) is False and len(trims) == 1
+    if os.path.exists("/proc/self/statm"):
+        monkeypatch.undo()
+        assert 0 < devices.resident_bytes() < devices.physical_memory()
+
+
+def test_the_train_bench_times_a_mix_on_its_first_rows_and_can_change_the_trim(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import inspect
+
+    from bench.bench_train import TRIM_LAUNCH, TRIMS, first_rows, mix_variants, ours
+
+    mix = tmp_path / "work" / "mix.jsonl"
+    mix.parent.mkdir()
+    rows = [{"id": str(i), "image": f"images/{i}.png", "conversations": []} for i in range(5)]
+    rows.append({"id": "text", "conversations": []})
+    mix.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = [json.loads(line) for line in first_rows(mix, 3, tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in got] == ["0", "1", "2"]
+    assert got[0]["image"] == str((mix.parent / "images" / "0.png").resolve())  # relative to the mix, now absolute
+    with pytest.raises(SystemExit, match="has 6 rows; --steps x --batch-size needs 8"):
+        first_rows(mix, 8, tmp_path / "out" / "more.jsonl")
+    variants = mix_variants(0.75)
+    assert {"trim after each step", "trim above 75% of memory", "bf16"} <= set(variants)
+    assert all(set(kwargs) <= set(inspect.signature(ours).parameters) for kwargs in variants.values())
+    # The launchers are the real CLI with the trainer's trim replaced.
+    repo = Path(__file__).resolve().parents[1]
+    for trim in ("never", "each step"):
+        launch = TRIM_LAUNCH.format(TRIMS[trim])
+        run = subprocess.run([sys.executable, "-c", launch, "train", "--help"], cwd=repo, capture_output=True, text=True)
+        assert run.returncode == 0 and "--stage" in run.stdout, trim

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vlm_chat.devices import cpu_has_native_bf16, trim_heap
+from vlm_chat.devices import cpu_has_native_bf16, trim_heap_when_large
 from vlm_chat.errors import ConfigError, UserFacingError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -612,7 +612,7 @@ def train(
                 rng_at_step = _rng_state(data_generator)
                 progress.update(1)
                 if on_cpu:
-                    trim_heap()  # batches of changing length fragment the C heap (vlm_chat/devices.py)
+                    trim_heap_when_large()  # batches of changing length fragment the C heap (vlm_chat/devices.py)
 
                 if step % config.log_every == 0 or step == total_steps:
                     mean = torch.tensor(window_loss / window_batches, device=accelerator.device)
