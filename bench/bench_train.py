@@ -163,9 +163,6 @@ def main() -> None:
         bundle = args.bundle or default_bundle(tmp)
         if args.data:
             data = first_rows(args.data, args.steps * args.batch_size, tmp / "data" / "rows.jsonl")
-        else:
-            data = make_triples(tmp / "data", 64)
-        if args.data:
             # The bare loop's full-vocabulary loss over a stage's long conversations does not
             # fit in 24 GB at batch 8, so the baseline is ours on glibc's malloc left alone,
             # in fp32, measured first and last.
@@ -179,6 +176,7 @@ def main() -> None:
             last = run(tmp / "run-again", trim="never")
             baseline, runs = "fp32, glibc", (first, last)
         else:
+            data = make_triples(tmp / "data", 64)
             bare = bare_loop(bundle, data, args.steps, args.batch_size, args.vision)
             speeds = {"ours": ours(bundle, data, args.steps, args.batch_size, tmp / "run", vision=args.vision),
                       "ours, bf16": ours(bundle, data, args.steps, args.batch_size, tmp / "run-bf16", "bf16",
@@ -192,6 +190,7 @@ def main() -> None:
     print(f"{baseline:<26} {base:>10.2f} {1.0:>8.3f}   (runs: {runs[0]:.2f}, {runs[1]:.2f})")
     for name, speed in speeds.items():
         print(f"{name:<26} {speed:>10.2f} {speed / base:>8.3f}")
+
 
 if __name__ == "__main__":
     main()
