@@ -137,12 +137,10 @@ def mix_variants(trim_above: float) -> dict[str, dict]:
     variants = {"trim after each step": {"trim": "each step"},
                 f"trim above {trim_above:.0%} of memory": {}}  # the trainer's own way
     allocators = {name: lib for name in ("jemalloc", "tcmalloc_minimal") if (lib := ctypes.util.find_library(name))}
-    for precision in ("no", "bf16"):
-        label = "" if precision == "no" else "bf16"
-        if label:
-            variants[label] = {"precision": "bf16", "trim": "never"}
-        for name, lib in allocators.items():
-            variants[" + ".join(filter(None, (label, name)))] = {"precision": precision, "trim": "never", "preload": lib}
+    variants.update({name: {"trim": "never", "preload": lib} for name, lib in allocators.items()})
+    variants["bf16"] = {"precision": "bf16", "trim": "never"}
+    variants.update({f"bf16 + {name}": {"precision": "bf16", "trim": "never", "preload": lib}
+                     for name, lib in allocators.items()})
     return variants
 
 

@@ -222,10 +222,10 @@ def test_bf16_autocast_only_where_the_cpu_has_it(tmp_path, monkeypatch, native):
 # freed (which makes glibc keep blocks of up to that size on its heap): the resident memory
 # (MB) after freeing all but small tensors in between, and after a trim.
 _HEAP_PROBE = """
-import os, torch
-from vlm_chat.devices import trim_heap
+import torch
+from vlm_chat.devices import resident_bytes, trim_heap
 def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+    return resident_bytes() >> 20
 torch.set_num_threads(1)
 del_me = torch.ones(4 << 20)  # 16 MB
 del del_me
@@ -278,11 +278,10 @@ def test_the_heap_is_trimmed_only_when_the_process_holds_more_than_its_share(mon
 
 
 def test_the_train_bench_times_a_mix_on_its_first_rows_and_can_change_the_trim(tmp_path):
+    import inspect
     import subprocess
     import sys
     from pathlib import Path
-
-    import inspect
 
     from bench.bench_train import TRIM_LAUNCH, TRIMS, first_rows, mix_variants, ours
 
