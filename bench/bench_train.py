@@ -113,12 +113,18 @@ TRIM_LAUNCH = ("import sys, training.trainer as t, vlm_chat.devices as d; t.trim
 TRIMS = {"when large": None, "never": "lambda: False", "each step": "lambda: d.trim_heap()"}
 
 
+def launch_env(preload: str | None) -> dict[str, str]:
+    """The environment of a timed run: `preload`'s malloc, or glibc's with the training
+    commands' own relaunch under tcmalloc turned off."""
+    return {**os.environ, "LD_PRELOAD": preload} if preload else {**os.environ, "VLM_CHAT_ALLOCATOR": "system"}
+
+
 def ours(bundle: str, data: Path, steps: int, batch_size: int, out: Path, precision: str = "no",
          vision: str = "frozen", trim: str = "when large", preload: str | None = None) -> float:
     """samples/s of `vlm-chat train --stage instruct`; `preload` runs it on another malloc
-    (LD_PRELOAD of jemalloc or tcmalloc)."""
+    (LD_PRELOAD of jemalloc or tcmalloc), else glibc's."""
     launch = ["-c", TRIM_LAUNCH.format(TRIMS[trim])] if TRIMS[trim] else ["-m", "cli"]
-    env = {**os.environ, "LD_PRELOAD": preload} if preload else None
+    env = launch_env(preload)
     cmd = [sys.executable, *launch, "train", "--stage", "instruct", "--model", bundle, "--data", str(data),
            "--out", str(out), "--max-steps", str(steps), "--batch-size", str(batch_size), "--log-every", "1",
            "--val-fraction", "0", "--save-every", "0", "--mixed-precision", precision,

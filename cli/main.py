@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
     try:
+        if argv is None and getattr(args, "fast_allocator", False):
+            _relaunch_under_fast_allocator()
+        _quiet_libraries()
         result = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -47,6 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
+
+def _relaunch_under_fast_allocator() -> None:
+    """Training commands run themselves again under tcmalloc when it is installed (only from
+    the console script: a caller's own process, such as a test's, is never replaced)."""
+    import os
+
+    from vlm_chat.devices import ALLOCATOR_ENV, allocator_relaunch
+
+    relaunch = allocator_relaunch(sys.argv[1:], os.environ)
+    if relaunch is not None:
+        command, env = relaunch
+        print(f"[allocator] training under {env['LD_PRELOAD'].split(':')[0]} "
+              f"(set {ALLOCATOR_ENV}=system for the C library's malloc)", file=sys.stderr, flush=True)
+        os.execve(command[0], command, env)
 
 
 def _quiet_libraries() -> None:

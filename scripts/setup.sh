@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Data for the offline corpus, a font for rendered words, and Chromium for the browser test.
-DEBIAN_PACKAGES="dataset-fashion-mnist fonts-noto-color-emoji openclipart-png fonts-dejavu-core chromium"
+# Data for the offline corpus, a font for rendered words, Chromium for the browser test,
+# and tcmalloc, which training runs under when it is installed (README, "Speed").
+DEBIAN_PACKAGES="dataset-fashion-mnist fonts-noto-color-emoji openclipart-png fonts-dejavu-core chromium libtcmalloc-minimal4"
 missing=""
 for pkg in $DEBIAN_PACKAGES; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -109,3 +112,68 @@ def test_default_model_is_used_without_model_flag(cli_bundle, monkeypatch, capsy
     monkeypatch.chdir(cli_bundle.parent)
     (cli_bundle.parent / "default").mkdir(exist_ok=True)
     assert resolve_model("default") == "default"
+
+
+# ---------------------------------------------------------------- the allocator training runs under
+
+
+def test_allocator_relaunch_preloads_tcmalloc_once(monkeypatch):
+    from vlm_chat import devices
+    from vlm_chat.errors import ConfigError
+
+    monkeypatch.setattr(devices, "fast_allocator", lambda: "libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(devices.sys, "platform", "linux")
+    command, env = devices.allocator_relaunch(["train", "--stage", "instruct"], {"PATH": "/bin", "LD_PRELOAD": "libx.so"})
+    assert command == [sys.executable, "-m", "cli", "train", "--stage", "instruct"]
+    assert env == {"PATH": "/bin", "LD_PRELOAD": "libtcmalloc_minimal.so.4:libx.so"}
+    assert devices.allocator_relaunch(["train"], env) is None  # the relaunched process goes on: no loop
+    assert devices.allocator_relaunch(["train"], {"LD_PRELOAD": "/opt/libjemalloc.so.2"}) is None  # the user's choice stays
+    assert devices.allocator_relaunch(["train"], {"VLM_CHAT_ALLOCATOR": "system"}) is None
+    with pytest.raises(ConfigError, match="VLM_CHAT_ALLOCATOR='tcmalloc'; choose one of: auto, system"):
+        devices.allocator_relaunch(["train"], {"VLM_CHAT_ALLOCATOR": "tcmalloc"})
+    monkeypatch.setattr(devices.sys, "platform", "darwin")
+    assert devices.allocator_relaunch(["train"], {}) is None
+    monkeypatch.setattr(devices.sys, "platform", "linux")
+    monkeypatch.setattr(devices, "fast_allocator", lambda: None)
+    assert devices.allocator_relaunch(["train"], {}) is None  # not installed: glibc's malloc, no error
+
+
+def test_only_training_from_the_console_script_relaunches(monkeypatch, capsys, tmp_path):
+    from vlm_chat import devices
+
+    execs = []
+    monkeypatch.setattr(os, "execve", lambda *call: execs.append(call))
+    monkeypatch.setattr(devices, "fast_allocator", lambda: "libtcmalloc_minimal.so.4")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("VLM_CHAT_ALLOCATOR", raising=False)
+    argv = ["train", "--stage", "nonsense"]
+    monkeypatch.setattr(sys, "argv", ["vlm-chat", *argv])
+    assert main(argv) == 2 and execs == []  # a caller's own process (this test's) is never replaced
+    assert main() == 2  # from the console script: execve (stubbed here, so it returns and the command goes on)
+    (path, command, env), = execs
+    assert (path, command[1:]) == (sys.executable, ["-m", "cli", *argv]) and env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+    assert "[allocator] training under libtcmalloc_minimal.so.4" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["vlm-chat", "eval", "--model", str(tmp_path / "none"), "--data", "missing.jsonl"])
+    assert main() == 2
+    assert len(execs) == 1  # inference commands stay on the system allocator
+    monkeypatch.setattr(sys, "argv", ["vlm-chat", *argv])
+    monkeypatch.setenv("VLM_CHAT_ALLOCATOR", "jemalloc")
+    assert main() == 2 and len(execs) == 1
+    assert "VLM_CHAT_ALLOCATOR='jemalloc'; choose one of: auto, system" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_a_training_command_really_runs_again_under_tcmalloc(tmp_path):
+    from vlm_chat.devices import allocator_relaunch, fast_allocator
+
+    if fast_allocator() is None:
+        pytest.skip("tcmalloc is not installed (scripts/setup.sh installs libtcmalloc-minimal4)")
+    env = {key: value for key, value in os.environ.items() if key not in ("LD_PRELOAD", "VLM_CHAT_ALLOCATOR")}
+    run = subprocess.run([sys.executable, "-m", "cli", "train", "--stage", "nonsense"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.count("[allocator] training under") == 1  # relaunched once, not in a loop
+    assert "unknown or missing stage 'nonsense'" in run.stderr
+    _, preloaded = allocator_relaunch([], env)  # the library name it preloads is one the loader finds
+    maps = subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"], env=preloaded,
+                          capture_output=True, text=True, timeout=60)
+    assert "libtcmalloc" in maps.stdout and "cannot be preloaded" not in maps.stderr

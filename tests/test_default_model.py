@@ -1089,6 +1089,24 @@ def test_a_skipped_stage_is_left_out_and_the_next_one_goes_on_from_the_last_one_
         stage_commands(paths, replace(Recipe(), skip=("align", "instruct")))
 
 
+def test_training_stages_take_the_recipes_precision_unless_their_settings_name_one():
+    from training.default_model import RECIPES, BuildPaths, first_changed_stage, recipe_json, stage_commands
+
+    def precision(command):
+        return command[command.index("--mixed-precision") + 1]
+
+    paths = BuildPaths(work=Path("/w"), corpus=Path("/c"), clip="shipped", out=Path("/o"))
+    tiles = replace(Recipe(), **RECIPES["tiles"])
+    commands = stage_commands(paths, tiles)
+    assert [precision(commands[s]) for s in ("align", "instruct", "drill", "census")] == ["auto", "auto", "no", "auto"]
+    assert precision(stage_commands(paths, replace(tiles, mixed_precision="no"))["census"]) == "no"
+    # A build from before the field counts as "auto"; changing it re-runs every training stage.
+    before = recipe_json(tiles)
+    del before["mixed_precision"]
+    assert first_changed_stage(before, recipe_json(tiles)) is None
+    assert first_changed_stage(before, recipe_json(replace(tiles, mixed_precision="no"))) == "align"
+
+
 @needs_sources
 def test_a_recipe_that_skips_stages_writes_their_mixes_trains_the_rest_in_a_chain_and_ships_the_last(
         corpus, tmp_path, monkeypatch):

@@ -216,6 +216,9 @@ def test_bf16_autocast_only_where_the_cpu_has_it(tmp_path, monkeypatch, native):
         with pytest.warns(UserWarning, match="no native bf16.*fp32 instead"):
             run(cfg, loss_fn)
         assert seen == {False}
+    seen.clear()
+    run(config(tmp_path, f"auto-{native}", max_steps=2, mixed_precision="auto"), loss_fn)  # no warning: auto asks for no emulation
+    assert seen == ({torch.bfloat16} if native else {False})
 
 
 # Tensors of changing sizes, as batches of changing length make, after one larger block was
@@ -283,7 +286,8 @@ def test_the_train_bench_times_a_mix_on_its_first_rows_and_can_change_the_trim(t
     import sys
     from pathlib import Path
 
-    from bench.bench_train import TRIM_LAUNCH, TRIMS, first_rows, mix_variants, ours
+    from bench.bench_train import TRIM_LAUNCH, TRIMS, first_rows, launch_env, mix_variants, ours
+    from vlm_chat.devices import allocator_relaunch
 
     mix = tmp_path / "work" / "mix.jsonl"
     mix.parent.mkdir()
@@ -298,6 +302,10 @@ def test_the_train_bench_times_a_mix_on_its_first_rows_and_can_change_the_trim(t
     variants = mix_variants(0.75)
     assert {"trim after each step", "trim above 75% of memory", "bf16"} <= set(variants)
     assert all(set(kwargs) <= set(inspect.signature(ours).parameters) for kwargs in variants.values())
+    # The baseline stays on glibc (the CLI would otherwise run itself again under tcmalloc),
+    # a preloaded malloc stays the one preloaded.
+    assert launch_env(None)["VLM_CHAT_ALLOCATOR"] == "system" and allocator_relaunch(["train"], launch_env(None)) is None
+    assert allocator_relaunch(["train"], launch_env("libjemalloc.so.2")) is None
     # The launchers are the real CLI with the trainer's trim replaced.
     repo = Path(__file__).resolve().parents[1]
     for trim in ("never", "each step"):

@@ -79,7 +79,8 @@ TRAIN_FLAGS = (
     ("--save-every-minutes", float, "also checkpoint after this many minutes; 0 = off"),
     ("--keep-last", int, "checkpoints kept (default 2)"),
     ("--seed", int, "seed of init, data order and augmentation (default 0)"),
-    ("--mixed-precision", str, "no | bf16 | fp16 (fp16 needs a GPU; bf16 runs as fp32 on a CPU without native bf16) (default no)"),
+    ("--mixed-precision", str, "no | bf16 | fp16 | auto (fp16 needs a GPU; bf16 runs as fp32 on a CPU without native bf16; "
+                                "auto: bf16 on a GPU with it or a CPU with AVX512-BF16 or AMX, else fp32) (default no)"),
     ("--num-workers", int, "data loader processes (default 0: exact resume of augmentation)"),
 )
 
@@ -170,7 +171,7 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                        ("--vision-heads", int), ("--text-width", int), ("--text-layers", int), ("--text-heads", int),
                        ("--projection-dim", int), ("--vocab-size", int), ("--max-text-len", int)):
         clip.add_argument(flag, type=kind, help="model size for a from-scratch CLIP (see docs/clip.md)")
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, fast_allocator=True)  # runs again under tcmalloc when installed (vlm_chat/devices.py)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -189,7 +190,7 @@ def _train(args: argparse.Namespace) -> int:
         if not isinstance(loaded, dict):
             raise UserFacingError(f"--config {path}: expected a mapping of settings, got {type(loaded).__name__}")
         settings.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-    settings.update({k: v for k, v in vars(args).items() if k not in ("func", "command", "config")})
+    settings.update({k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "fast_allocator")})
     stage = settings.pop("stage", None)
     if stage not in STAGES:
         raise UserFacingError(f"unknown or missing stage {stage!r}; choose --stage one of: {', '.join(STAGES)}")
@@ -330,7 +331,7 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
                        "rewrite the data of the stages it went through (seeded, a few minutes), check them against "
                        "its recipe.json, take it as its last training stage's output and run only the stages after "
                        "that one (with --clip shipped if the model was built on the shipped CLIP)")
-    build.set_defaults(func=_default_build)
+    build.set_defaults(func=_default_build, fast_allocator=True)
 
 
 def _default_build(args: argparse.Namespace) -> int:

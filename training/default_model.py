@@ -102,6 +102,13 @@ class Recipe:
     clip_shape_copies: int = 0  # more copies of each single-shape caption in the CLIP's data
     clip_augment: bool = True  # random resized crops (they move the cells the captions name)
     llm: str = "smollm2-135m-instruct"
+    # The training stages' precision where their settings name none: "auto" is bf16 autocast
+    # on hardware that does bf16 natively (a GPU with it, or a CPU with AVX512-BF16 or AMX),
+    # fp32 elsewhere. census trained both ways from the same bundle answered alike (+0.3
+    # points overall, every type within its paired standard error; MODEL_CARD.md, "Rebuild
+    # it from nothing"), so the value decides how a stage computes, not what it learns, and
+    # a build from before the field counts as "auto".
+    mixed_precision: str = "auto"
     projector: str = "mlp2x_gelu"
     token_reduction: str = "pixel_shuffle"  # 8x8 CLIP patches -> 16 tokens, no information dropped
     image_tiles: int = 0  # k > 0: image tokens in k x k tiles, each after its name ("top left:")
@@ -262,7 +269,7 @@ STAGE_FIELDS = {
     "mix": ("seed", "align_images", "instruct_conversations", "turns_per_conversation", "describe_share",
             "caption_singles", "eval_questions", "eval_caption_images"),
     "distill": ("seed", "text_copies"),
-    "align": ("seed", "align"),
+    "align": ("seed", "align", "mixed_precision"),
     "instruct": ("seed", "instruct"),
     "drill": ("seed", "drill_conversations", "drill_turns", "drill_describe_share", "drill", "skip"),
     "review": ("seed", "review_conversations", "review_turns", "review_describe_share", "review_caption_singles", "review"),
@@ -1023,7 +1030,8 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
     def train(kind: str, stage: str, after: str, settings: dict) -> list[str]:
         """`vlm-chat train` of one stage: from the bundle `after` left, on WORK/<stage>.jsonl."""
         return ["train", "--stage", kind, "--model", str(w / after), "--data", str(w / f"{stage}.jsonl"),
-                "--out", str(w / stage), "--seed", str(recipe.seed), "--resume", *_flags(settings)]
+                "--out", str(w / stage), "--seed", str(recipe.seed), "--resume",
+                *_flags({"mixed_precision": recipe.mixed_precision, **settings})]
 
     return {
         "corpus": ["corpus", "build", "--out", str(paths.corpus), "--seed", str(recipe.seed)],

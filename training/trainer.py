@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from vlm_chat.devices import cpu_has_native_bf16, trim_heap_when_large
 from vlm_chat.errors import ConfigError, UserFacingError
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("no", "bf16", "fp16", "auto")  # auto: bf16 where the hardware does it natively, else fp32
 SCHEDULES = ("cosine", "constant")
 CHECKPOINT_PREFIX = "step-"
 
@@ -377,8 +377,16 @@ def _batch_len(batch: Any) -> int:
     raise UserFacingError("collate_fn must return a tensor, or a dict/tuple holding at least one tensor")
 
 
+def native_bf16() -> bool:
+    """bf16 autocast pays here: a GPU that supports it, or a CPU with AVX512-BF16 or AMX."""
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_native_bf16()
+
+
 def _autocast_precision(config: TrainConfig) -> str:
-    """The asked mixed precision, except bf16 on a CPU that would only emulate it: fp32 there."""
+    """The asked mixed precision, except bf16 on a CPU that would only emulate it: fp32 there;
+    "auto" is bf16 where the hardware has it natively, else fp32."""
+    if config.mixed_precision == "auto":
+        return "bf16" if native_bf16() else "no"
     if config.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
         warnings.warn(
             "mixed_precision=bf16 asked for, but this CPU has no native bf16 (neither AVX512-BF16 nor AMX), "

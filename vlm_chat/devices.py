@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import os
+import sys
+from collections.abc import Mapping
 
 import torch
 
@@ -82,6 +85,38 @@ def trim_heap_when_large(share: float = TRIM_ABOVE) -> bool:
         return False
     trim_heap()
     return True
+
+
+# Training on a CPU runs faster on tcmalloc than on glibc's malloc: batches of ever-changing
+# length make glibc hand pages back and fault them in again, where tcmalloc keeps them
+# (README, "Speed on this 2-core CPU"). Debian and Ubuntu ship it as libtcmalloc-minimal4
+# (scripts/setup.sh installs it); a training command runs itself again under it when it is
+# installed, as PyTorch's own CPU launcher (torch.backends.xeon.run_cpu) does with LD_PRELOAD.
+ALLOCATOR_ENV = "VLM_CHAT_ALLOCATOR"  # "auto" (default): tcmalloc when installed; "system": the C library's malloc
+ALLOCATORS = ("auto", "system")
+CHOSEN_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")  # already in LD_PRELOAD: the user chose, leave it
+
+
+def fast_allocator() -> str | None:
+    """tcmalloc's library name when the dynamic loader can find it, else None."""
+    return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+
+
+def allocator_relaunch(argv: list[str], environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]] | None:
+    """The command line and environment that run `vlm-chat ARGV` again under tcmalloc, or
+    None to go on as is: asked not to ($VLM_CHAT_ALLOCATOR=system), not Linux, an allocator
+    already preloaded (which also ends the relaunch itself), or tcmalloc not installed."""
+    choice = environ.get(ALLOCATOR_ENV, "auto")
+    if choice not in ALLOCATORS:
+        raise ConfigError(f"${ALLOCATOR_ENV}={choice!r}; choose one of: {', '.join(ALLOCATORS)}")
+    preload = environ.get("LD_PRELOAD", "")
+    if choice == "system" or not sys.platform.startswith("linux") or any(name in preload for name in CHOSEN_ALLOCATORS):
+        return None
+    library = fast_allocator()
+    if library is None:
+        return None
+    env = {**environ, "LD_PRELOAD": ":".join(part for part in (library, preload) if part)}
+    return [sys.executable, "-m", "cli", *argv], env
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
