@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
-
 def _relaunch_under_fast_allocator() -> None:
     """Training commands run themselves again under tcmalloc when it is installed (only from
     the console script: a caller's own process, such as a test's, is never replaced)."""
