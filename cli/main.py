@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    fast_allocator = vars(args).pop("fast_allocator", False)  # the CLI's own, not a command's setting
     try:
-        if argv is None and getattr(args, "fast_allocator", False):
+        if argv is None and fast_allocator:
             _relaunch_under_fast_allocator()
         _quiet_libraries()
         result = args.func(args)

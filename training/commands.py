@@ -190,7 +190,7 @@ def _train(args: argparse.Namespace) -> int:
         if not isinstance(loaded, dict):
             raise UserFacingError(f"--config {path}: expected a mapping of settings, got {type(loaded).__name__}")
         settings.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-    settings.update({k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "fast_allocator")})
+    settings.update({k: v for k, v in vars(args).items() if k not in ("func", "command", "config")})
     stage = settings.pop("stage", None)
     if stage not in STAGES:
         raise UserFacingError(f"unknown or missing stage {stage!r}; choose --stage one of: {', '.join(STAGES)}")

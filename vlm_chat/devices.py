@@ -87,9 +87,10 @@ def trim_heap_when_large(share: float = TRIM_ABOVE) -> bool:
     return True
 
 
-# Training on a CPU runs faster on tcmalloc than on glibc's malloc: batches of ever-changing
-# length make glibc hand pages back and fault them in again, where tcmalloc keeps them
-# (README, "Speed on this 2-core CPU"). Debian and Ubuntu ship it as libtcmalloc-minimal4
+# Training on a CPU runs faster on tcmalloc than on glibc's malloc, 1.3x on a build stage
+# (README, "Speed on this 2-core CPU"); likely because glibc maps each large tensor afresh
+# and hands it back when freed, so every step faults its pages in again, where tcmalloc
+# keeps freed memory for the next step. Debian and Ubuntu ship it as libtcmalloc-minimal4
 # (scripts/setup.sh installs it); a training command runs itself again under it when it is
 # installed, as PyTorch's own CPU launcher (torch.backends.xeon.run_cpu) does with LD_PRELOAD.
 ALLOCATOR_ENV = "VLM_CHAT_ALLOCATOR"  # "auto" (default): tcmalloc when installed; "system": the C library's malloc
