@@ -1223,6 +1223,9 @@ def test_default_build_ships_the_tiles_recipe_and_builds_the_chain_into_work_not
     cells_paths, cells = runs[2]
     assert cells_paths.out == tmp_path / "w3" / "model"  # only tiles ships into the package
     assert cells == replace(tiles, token_reduction="pixel_shuffle", reduction_factor=2)
+    assert main(["default", "build", "--recipe", "wordscale", "--work", str(tmp_path / "w4"), "--until", "mix"]) == 0
+    assert runs[3][1] == replace(tiles, align={**tiles.align, "match_word_scale": True})
+    assert "--match-word-scale" in dm.stage_commands(runs[3][0], runs[3][1])["align"]
     # --recipe's choices are written out so that --help needs no torch: they are RECIPES' names
     with pytest.raises(SystemExit):
         main(["default", "build", "--recipe", "no-such-recipe"])

@@ -1178,6 +1178,10 @@ TILES = {**GRID, "image_tiles": 3, "tiles_after_align": True, "skip": SKILL_STAG
 RECIPES = {
     "tiles": TILES,
     "cells": {**TILES, "token_reduction": "pixel_shuffle", "reduction_factor": 2},
+    # tiles with image tokens as long as the LLM's word embeddings from align on: align measures
+    # 64 training images and scales the projector's output to match (`--match-word-scale`);
+    # every later stage inherits the scale with the projector
+    "wordscale": {**TILES, "align": {**Recipe().align, "match_word_scale": True}},
     "chain": {},
 }
 SHIPPED_RECIPE = "tiles"  # the recipe whose build ships into vlm_chat/assets/default
