@@ -1230,3 +1230,48 @@ def test_default_build_ships_the_tiles_recipe_and_builds_the_chain_into_work_not
     with pytest.raises(SystemExit):
         main(["default", "build", "--recipe", "no-such-recipe"])
     assert "{" + ",".join(dm.RECIPES) + "}" in capsys.readouterr().err
+
+
+@needs_sources
+def test_naming_at_scale_names_every_object_of_scenes_the_model_never_trained_on(corpus, tmp_path):
+    from bench.naming_at_scale import write
+    from training.corpus.templates import article
+
+    work = tmp_path / "work"
+    recipe = replace(SMALL, drill_conversations=4, review_conversations=4, review_caption_singles=0, survey_scenes=6,
+                     survey_caption_singles=0, skip=("review",))
+    write_mixes(corpus, work, recipe)
+    _write_text_turn(work)
+    write_drill(corpus, work, recipe)
+    write_review(corpus, work, recipe)  # skipped by the recipe: its scenes stay usable
+    write_survey(corpus, work, recipe)
+    (work / "state.json").write_text(json.dumps({"recipe": {"skip": ["review"]}}))
+    counts = write(corpus, work, tmp_path / "out", scenes=5, every_skill=2, captions=1, seed=4, lookalike_share=1.0)
+    rows = _rows(tmp_path / "out" / "train.jsonl")
+    good, problems = check_samples([tmp_path / "out" / "train.jsonl"])
+    assert not problems and len(good) == len(rows) == 5 + 2 + 1 + 1
+    by_kind: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kind.setdefault(r["id"].split(":")[0], []).append(r)
+    assert {k: len(v) for k, v in by_kind.items()} == {"name": 5, "every": 2, "describe": 1, "text": 1}
+    root = corpus.resolve()
+    trained = {str(Path(r["image"]).relative_to(root)) for name in ("instruct_images.jsonl", "drill.jsonl", "survey.jsonl")
+               for r in _rows(work / name) if r["id"].split(":")[0] not in ("text", "describe")}
+    reviewed = {str(Path(r["image"]).relative_to(root)) for r in _rows(work / "review.jsonl")
+                if r["id"].split(":")[0] not in ("text", "describe")}
+    layouts = {r["image"]: r for r in _rows(corpus / "layouts_train.jsonl")}
+    assert reviewed - trained and counts["fresh_scenes"] == len(set(layouts) - trained)  # the skipped stage's count as fresh
+    scenes = [str(Path(r["image"]).relative_to(root)) for r in by_kind["name"] + by_kind["every"]]
+    assert len(set(scenes)) == 7 and not set(scenes) & trained
+    templates = ("What is in the {}?", "What object is at the {}?", "What can you see in the {}?")
+    for r in by_kind["name"]:
+        layout = layouts[str(Path(r["image"]).relative_to(root))]
+        at = {t.format(cell): article(obj["name"]) for obj in layout["objects"] for cell in obj["cells"] for t in templates}
+        turns = [(q["value"].removeprefix("<image>\n"), a["value"])
+                 for q, a in zip(r["conversations"][::2], r["conversations"][1::2])]
+        named = [(q, a) for q, a in turns if q in at]
+        assert len(named) == sum(len(obj["cells"]) for obj in layout["objects"])  # every object, by its cell
+        assert all(at[q] == a for q, a in named)
+    assert counts["yes_no_questions"] > 0  # look-alikes asked (share 1.0)
+    assert counts["naming_questions"] == sum(len(r["conversations"]) // 2 for r in by_kind["name"])
+    assert counts["every_skill_questions"] == sum(len(r["conversations"]) // 2 for r in by_kind["every"])
