@@ -29,8 +29,8 @@ about every object of 2,400 scenes. Then, with the build's census settings:
     python bench/compare_evals.py WORK/eval OUT/eval
 
 Measured on 2026-12-06 (MODEL_CARD.md, `--scenes 3400 --every-skill 300 --captions 150`):
-naming rose from 44 to 53 % and every other skill but colour fell (overall -2.3 points,
-paired SE 0.7). At 0.4 times the learning rates naming kept its gain (+8.3) and overall
+naming rose from 44 to 53 % while counting, position, reading and yes/no fell (overall
+-2.3 points, paired SE 0.7). At 0.4 times the learning rates naming kept its gain (+8.3) and overall
 was level (+0.1), but colour fell under its bar and the answers leaned to "no", so it is
 an experiment, not a stage of the build.
 """
