@@ -189,8 +189,8 @@ def test_bench_steps_resume_after_the_last_finished_step_and_stop_at_until(tmp_p
     commands = {stage: [stage] for stage in default_model.TRAINING_STAGES}
     steps = ("prep", "tiles", "align", "instruct", "eval", *default_model.BENCH_LATER_STEPS)
     assert steps[5:9] == ("drill", "drill-eval", "review", "lone")
-    assert steps[-8:] == ("discern", "discern-eval", "survey", "survey-eval", "resurvey", "resurvey-eval", "census",
-                          "census-eval")
+    assert steps[-10:] == ("discern", "discern-eval", "survey", "survey-eval", "resurvey", "resurvey-eval", "census",
+                           "census-eval", "naming", "naming-eval")
     for name in ("eval_triples.jsonl", "eval_captions.jsonl"):
         (base / name).write_text("{}\n")
     (base / "align.jsonl").write_text("{}\n")
@@ -1084,7 +1084,8 @@ def test_a_skipped_stage_is_left_out_and_the_next_one_goes_on_from_the_last_one_
     assert not set(between) & set(short)
     assert short["survey"][short["survey"].index("--data") + 1] == "/w/survey.jsonl"  # its own mix still
     assert bench_later_steps(between) == ("drill", "drill-eval", "survey", "survey-eval", "resurvey", "resurvey-eval",
-                                          "census", "census-eval")
+                                          "census", "census-eval", "naming", "naming-eval")
+    assert model_of(short["naming"]) == "/w/census"
     with pytest.raises(UserFacingError, match="cannot skip align, instruct: only the stages after instruct"):
         stage_commands(paths, replace(Recipe(), skip=("align", "instruct")))
 
@@ -1128,17 +1129,18 @@ def test_a_recipe_that_skips_stages_writes_their_mixes_trains_the_rest_in_a_chai
     monkeypatch.setattr(dm, "_cli", cli)
     monkeypatch.setattr(dm, "distill_text_turns", distill)
     monkeypatch.setattr(dm, "evaluate_bundle", lambda bundle, *rest, **kw: evaluated.append(bundle.name))
-    recipe = replace(CHAIN, survey_scenes=3, resurvey_scenes=3, census_scenes=3, skip=dm.SKILL_STAGES)
+    recipe = replace(CHAIN, survey_scenes=3, resurvey_scenes=3, census_scenes=3, naming_scenes=3, naming_every_skill=1,
+                     naming_caption_singles=1, skip=dm.SKILL_STAGES)
     paths = dm.BuildPaths(work=tmp_path / "work", corpus=corpus, clip="shipped", out=tmp_path / "shipped")
     state = dm.build_default(paths, recipe)
     trained = {argv[argv.index("--out") + 1].split("/")[-1]: argv for argv in ran if argv[0] == "train"}
-    assert list(trained) == ["align", "instruct", "drill", "survey", "resurvey", "census"]
+    assert list(trained) == ["align", "instruct", "drill", "survey", "resurvey", "census", "naming"]
     assert _model_of(trained["survey"]).endswith("/work/drill") and _model_of(trained["resurvey"]).endswith("/work/survey")
-    assert _model_of(trained["census"]).endswith("/work/resurvey")
+    assert _model_of(trained["census"]).endswith("/work/resurvey") and _model_of(trained["naming"]).endswith("/work/census")
     for stage in dm.SKILL_STAGES:  # each mix written (later ones may read it), nothing trained on it
         assert (paths.work / f"{stage}.jsonl").is_file() and not (paths.work / stage).exists(), stage
         assert state["stages"][stage]["result"]["trained"] is False
-    assert evaluated == ["census"] and (paths.out / "vlm_config.json").is_file()
+    assert evaluated == ["naming"] and (paths.out / "vlm_config.json").is_file()
     assert json.loads((paths.work / "state.json").read_text())["recipe"]["skip"] == list(dm.SKILL_STAGES)
     # The same recipe with one stage less skipped trains again from that stage on.
     ran.clear()
@@ -1194,7 +1196,7 @@ def test_cell_tiles_runs_the_tiles_recipe_with_this_runs_tiles_and_skipped_stage
     monkeypatch.setattr(sys, "argv", [*argv, "--tiles", "2", "--skip", ",".join(SKILL_STAGES)])
     cell_tiles.main()
     assert seen["steps"] == ("tiles", "instruct", "eval", "drill", "drill-eval", "survey", "survey-eval", "resurvey",
-                             "resurvey-eval", "census", "census-eval")
+                             "resurvey-eval", "census", "census-eval", "naming", "naming-eval")
     recipe = seen["recipe"]
     assert (recipe.image_tiles, recipe.token_reduction, recipe.clip_patch_size) == (2, "none", 16)
     assert recipe.drill["mixed_precision"] == "no" and "--group-by-length" in seen["commands"]["drill"]
@@ -1275,3 +1277,35 @@ def test_naming_at_scale_names_every_object_of_scenes_the_model_never_trained_on
     assert counts["yes_no_questions"] > 0  # look-alikes asked (share 1.0)
     assert counts["naming_questions"] == sum(len(r["conversations"]) // 2 for r in by_kind["name"])
     assert counts["every_skill_questions"] == sum(len(r["conversations"]) // 2 for r in by_kind["every"])
+
+
+@needs_sources
+def test_naming_at_scale_asks_colour_and_as_many_absent_as_present_things_when_told(corpus, tmp_path):
+    from bench.naming_at_scale import write
+    from training.corpus.templates import QUESTIONS
+
+    work = tmp_path / "work"
+    recipe = replace(SMALL, skip=())
+    write_mixes(corpus, work, recipe)
+    _write_text_turn(work)
+    (work / "state.json").write_text(json.dumps({"recipe": {"skip": []}}))
+    counts = write(corpus, work, tmp_path / "out", scenes=8, every_skill=0, captions=0, seed=5, lookalike_share=0.0,
+                   colour=True, presence=2)
+    root = corpus.resolve()
+    layouts = {r["image"]: r for r in _rows(corpus / "layouts_train.jsonl")}
+    colour_asks = {t.format(name="{}", plural="{}") for t in QUESTIONS["color"] + QUESTIONS["color_many"]}
+    asked_colours = 0
+    for r in _rows(tmp_path / "out" / "train.jsonl"):
+        if not r["id"].startswith("name:"):
+            continue
+        layout = layouts[str(Path(r["image"]).relative_to(root))]
+        turns = [(q["value"].removeprefix("<image>\n"), a["value"])
+                 for q, a in zip(r["conversations"][::2], r["conversations"][1::2])]
+        answers = [a for _, a in turns]
+        assert 0 < answers.count("yes") == answers.count("no") <= 2
+        colours = [(q, a) for q, a in turns if any(q.startswith(t.split("{}")[0]) for t in colour_asks)]
+        shown = {obj["color"] for obj in layout["objects"] if obj["color"]} | {layout["word_color"]} - {None}
+        assert all(a in shown for _, a in colours)
+        assert len(colours) == len([o for o in layout["objects"] if o["color"]]) + bool(layout["word"])
+        asked_colours += len(colours)
+    assert asked_colours > 0 and counts["yes_answers"] * 2 == counts["yes_no_questions"]

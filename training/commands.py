@@ -320,13 +320,13 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
                        "recipe other than tiles, WORK/model)")
     build.add_argument("--recipe", choices=("tiles", "cells", "wordscale", "chain"), default="tiles",
                        help="tiles: the recipe of the shipped model (default): a CLIP on the scenes' grid (needs --clip "
-                       "train), named image tiles, instruct, drill, survey, resurvey and census; cells: tiles with one "
+                       "train), named image tiles, instruct, drill, survey, resurvey, census and naming; cells: tiles with one "
                        "image token per cell (each cell's 2x2 patches stacked by a pixel shuffle); wordscale: tiles "
                        "with image tokens scaled to the length of the LLM's word embeddings from align on; chain: the "
-                       "model shipped before it, on the 64 px CLIP, through all fifteen stages after align (MODEL_CARD.md)")
+                       "model shipped before it, on the 64 px CLIP, through all sixteen stages after align (MODEL_CARD.md)")
     build.add_argument("--until", help="stop after this stage (one of: corpus, clip, bundle, mix, distill, align, "
                        "instruct, drill, review, lone, consolidate, crowd, recall, tally, recount, tint, retint, discern, survey, resurvey, "
-                       "census, eval, ship)")
+                       "census, naming, eval, ship)")
     build.add_argument("--from-shipped", action="store_true",
                        help="go on from the model in --out (as shipped, with its recipe.json) instead of from nothing: "
                        "rewrite the data of the stages it went through (seeded, a few minutes), check them against "

@@ -45,6 +45,10 @@
   census    the same again on training scenes neither survey used, most of them
             crowded (4-6 objects, where counting and placing fail most), with every
             object named by its cell and more relations
+  naming    every object of 3,000 fresh training scenes named by its cell, with their
+            colour questions and balanced "is there ...?", plus 400 scenes asked
+            everything the census way, at 0.4 times census's learning rates (naming
+            was the weakest skill after census; at full rates it unteaches the others)
   eval      `vlm-chat eval` on a seeded sample of the test split + knowledge check
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
@@ -76,7 +80,7 @@ from vlm_chat.errors import UserFacingError
 
 STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "review", "lone", "consolidate",
           "crowd", "recall", "tally", "recount", "tint", "retint", "discern", "survey", "resurvey",
-          "census", "eval", "ship")
+          "census", "naming", "eval", "ship")
 SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "vlm_chat" / "assets" / "clip"
 
 
@@ -252,9 +256,25 @@ class Recipe:
     census_no_per_yes: float = 1.2
     census_caption_singles: int = 200
     census: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
+    # After census (MODEL_CARD.md) an object was named by its cell 44 % of the time. naming
+    # asks it of every object of `naming_scenes` fresh training scenes, with each scene's
+    # colour questions (colour misses were the wrong shape's colour) and up to
+    # `naming_presence` "is there ...?" about present things and as many about absent ones
+    # (emoji and clip art included: without them the answers leaned to "no"), yes/no about
+    # look-alikes in `naming_lookalike_share` of them, and `naming_every_skill` scenes asked
+    # everything the census way. At census's rates the same kind of mix lost 2.3 points
+    # overall (counting, position, reading), at 0.4 times them it kept the other skills.
+    naming_scenes: int = 3000  # training scenes no stage that trained asked about
+    naming_every_skill: int = 400
+    naming_lookalike_share: float = 0.2
+    naming_colour: bool = True
+    naming_presence: int = 2
+    naming_caption_singles: int = 150
+    naming: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "lr": 2e-4, "projector_lr": 4e-4,
+                                                  "vision_lr": 1.2e-5, "val_fraction": 0.02, "mixed_precision": "no"})
     # Later stages that write their mix but do not train: the next stage goes on from the
     # last one that did. Every mix is still written, so each stage's data stay those of the
-    # full chain (the `tiles` recipe of RECIPES runs instruct, drill, survey, resurvey and census).
+    # full chain (the `tiles` recipe of RECIPES runs instruct, drill, survey, resurvey, census and naming).
     skip: tuple[str, ...] = ()
     eval_questions: int = 3000
     eval_caption_images: int = 400
@@ -291,6 +311,8 @@ STAGE_FIELDS = {
     "survey": ("seed", "survey_scenes", "survey_caption_singles", "survey"),
     "resurvey": ("seed", "resurvey_scenes", "resurvey_no_per_yes", "resurvey_caption_singles", "resurvey"),
     "census": ("seed", "census_scenes", "census_crowded_share", "census_no_per_yes", "census_caption_singles", "census"),
+    "naming": ("seed", "skip", "naming_scenes", "naming_every_skill", "naming_lookalike_share", "naming_colour",
+               "naming_presence", "naming_caption_singles", "naming"),
     "eval": ("eval_batch_size",),
     "ship": (),
 }
@@ -825,16 +847,81 @@ def write_census(corpus: Path, work: Path, recipe: Recipe) -> dict:
                              CENSUS_LIMITS)
 
 
+def naming_rows(corpus: Path, rng: random.Random, used: set[str], text: list[dict], scenes: int, every_skill: int,
+                captions: int, lookalike_share: float, colour: bool, presence: int) -> tuple[list[dict], dict]:
+    """The naming mix, shuffled, and its counts: `scenes` training scenes outside `used`
+    each one conversation asking what is in the cell of every object it holds (and "What
+    is shown in the image?" when it holds one kind), `lookalike_share` of them also
+    `lookalike_turns`; with `colour` every colour question the scene supports, and up to
+    `presence` "is there ...?" about what it holds and as many about what it lacks, any
+    kind of object; then `every_skill` more scenes asked everything the census way,
+    `captions` single-image captions and the `text` turns."""
+    root = corpus.resolve()
+
+    def image(n: str) -> str:
+        return str(root / n)
+
+    layouts = layouts_of(corpus, "train")
+    known = {obj["name"]: obj["kind"] for row in layouts.values() for obj in row["objects"]}
+    fresh = sorted(set(layouts) - used)
+    if len(fresh) < scenes + every_skill:
+        raise UserFacingError(f"only {len(fresh)} training scenes are fresh; ask for fewer than {scenes} + {every_skill}")
+    drawn = rng.sample(fresh, scenes + every_skill)
+    vocabulary, holdouts = vocabulary_of(list(layouts.values())), holdouts_of(corpus)
+    naming = []
+    for n in drawn[:scenes]:
+        turns = naming_turns(rng, layouts[n])
+        if rng.random() < lookalike_share:
+            turns += lookalike_turns(rng, layouts[n], known)
+        if colour or presence:
+            pools = scene_questions(rng, scene_from_layout(layouts[n]), vocabulary, holdouts)
+            if colour:
+                turns += pools["color"]
+            k = min(presence, len(pools["yes"]), len(pools["no"]))
+            turns += rng.sample(pools["yes"], k) + rng.sample(pools["no"], k)
+        rng.shuffle(turns)
+        naming.append(_conversation(f"name:{n}", image(n), turns))
+    every = [_conversation(f"every:{n}", image(n), survey_turns(rng, layouts[n], vocabulary, holdouts,
+                                                                 Recipe().census_no_per_yes, CENSUS_LIMITS))
+             for n in drawn[scenes:]]
+    singles = _single_captions(rng, _group(_read_jsonl(corpus / "captions_train.jsonl")), image, captions)
+    rows = naming + every + singles + text
+    rng.shuffle(rows)
+    answers = [t["value"] for r in naming for t in r["conversations"][1::2]]
+    return rows, {"fresh_scenes": len(fresh), "naming_scenes": len(naming), "naming_questions": _questions(naming),
+                  "yes_no_questions": sum(a in ("yes", "no") for a in answers),
+                  "yes_answers": sum(a == "yes" for a in answers),
+                  "every_skill_scenes": len(every), "every_skill_questions": _questions(every),
+                  "caption_singles": len(singles), "text_turns": len(text)}
+
+
+def trained_mixes_before(stage: str, skip: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """The entries of SCENE_MIXES written before WORK/<stage>.jsonl by stages that trained
+    (a stage the recipe skips wrote its mix, but no model saw those scenes)."""
+    return tuple((f, prefix) for f, prefix in _mixes_before(stage) if f.removesuffix(".jsonl") not in skip)
+
+
+def write_naming(corpus: Path, work: Path, recipe: Recipe) -> dict:
+    """naming.jsonl: `naming_rows` on training scenes no stage that trained asked about."""
+    rows, counts = naming_rows(
+        corpus, random.Random(recipe.seed + 31), _used_scenes(work, trained_mixes_before("naming", recipe.skip)),
+        _read_jsonl(work / "text_turns.jsonl"), recipe.naming_scenes, recipe.naming_every_skill,
+        recipe.naming_caption_singles, recipe.naming_lookalike_share, recipe.naming_colour, recipe.naming_presence)
+    _write_jsonl(work / "naming.jsonl", rows)
+    return counts
+
+
 # The stages that write their own data file before they train, in build order.
 MIX_WRITERS = {"drill": write_drill, "review": write_review, "lone": write_lone, "consolidate": write_consolidate,
                "crowd": write_crowd, "recall": write_recall, "tally": write_tally, "recount": write_recount,
                "tint": write_tint, "retint": write_retint, "discern": write_discern, "survey": write_survey,
-               "resurvey": write_resurvey, "census": write_census}
+               "resurvey": write_resurvey, "census": write_census, "naming": write_naming}
 # Every mix of the build that talks about training scenes, in build order, as (file in
 # WORK, id prefix of its scene conversations): a later mix takes scenes none before used.
+MORE_PREFIXES = {"consolidate": ("place:",), "naming": ("name:", "every:")}  # scene ids not named after their stage
 SCENE_MIXES = (("instruct_images.jsonl", "scene:"),
                *((f"{stage}.jsonl", prefix) for stage in MIX_WRITERS
-                 for prefix in (f"{stage}:", *(("place:",) if stage == "consolidate" else ()))))
+                 for prefix in (f"{stage}:", *MORE_PREFIXES.get(stage, ()))))
 # What each stage writes into WORK, deleted when the stage must run again.
 STAGE_OUTPUTS = {"clip": ("clip", "clip_captions.jsonl"), "align": ("align",), "instruct": ("instruct",),
                  **{stage: (stage, f"{stage}.jsonl") for stage in MIX_WRITERS}, "eval": ("eval",)}
@@ -1082,7 +1169,8 @@ def evaluate_bundle(bundle: Path, data: Path, dest: Path, batch_size: int, basel
 # exists, so a rerun resumes where the last one stopped. A training stage trains on a
 # copy of the base build's mix for it (same data and order as the build's model had),
 # and an eval follows the stages where MODEL_CARD.md reports the build's own model.
-BENCH_EVAL_AFTER = ("drill", "consolidate", "recall", "recount", "retint", "discern", "survey", "resurvey", "census")
+BENCH_EVAL_AFTER = ("drill", "consolidate", "recall", "recount", "retint", "discern", "survey", "resurvey", "census",
+                    "naming")
 BENCH_EVALS = {"eval": ("instruct", "eval"),  # step: (bundle, its eval dir)
                **{f"{stage}-eval": (stage, f"eval_{stage}") for stage in BENCH_EVAL_AFTER}}
 
@@ -1163,7 +1251,7 @@ SKILL_STAGES = ("review", "lone", "consolidate", "crowd", "recall", "tally", "re
 # The build's recipes by name (`vlm-chat default build --recipe NAME`): the changes each
 # makes to Recipe(). "tiles" makes vlm_chat/assets/default (since 2026-12-01): the grid CLIP,
 # each cell's image tokens after its name (from instruct on, as its run did), and instruct,
-# drill, survey, resurvey and census in place of the chain of fourteen. Its drill runs in
+# drill, survey, resurvey, census and naming in place of the chain of fifteen. Its drill runs in
 # fp32 (bf16 autocast slowed the chain's drill as it ran) with batches grouped by length (a
 # quarter of the drill's token slots were padding, bench/padding.py). "chain" is the
 # recipe of the model shipped before it: the 64 px CLIP and every stage (MODEL_CARD.md;
@@ -1186,7 +1274,7 @@ RECIPES = {
 }
 SHIPPED_RECIPE = "tiles"  # the recipe whose build ships into vlm_chat/assets/default
 HEARTBEAT_SECONDS = 60.0  # how often a running stage writes its time so far into state.json
-FINAL_STAGE = "census"  # the last training stage of the build (the one shipped unless a recipe skips it)
+FINAL_STAGE = "naming"  # the last training stage of the build (the one shipped unless a recipe skips it)
 # The stages that train a bundle, in build order (each one's output is WORK/<stage>): align
 # and instruct on the files the mix stage wrote, every later one on its own mix.
 TRAINING_STAGES = ("align", "instruct", *MIX_WRITERS)
