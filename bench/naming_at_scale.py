@@ -53,15 +53,16 @@ import json
 import random
 from pathlib import Path
 
-from training.default_model import _read_jsonl, _write_jsonl, naming_rows, trained_mixes_before, _used_scenes
+from training.default_model import SCENE_MIXES, _read_jsonl, _used_scenes, _write_jsonl, naming_rows
 
 
 def write(corpus: Path, work: Path, out: Path, scenes: int, every_skill: int, captions: int, seed: int,
           lookalike_share: float = 0.2, colour: bool = False, presence: int = 0) -> dict:
-    """OUT/train.jsonl about training scenes none of the stages WORK's build trained (its
-    state.json's recipe skips the others) asked about; returns its counts."""
+    """OUT/train.jsonl about training scenes none of the mixes in WORK asked about, but for
+    those of the stages its build skipped (its state.json's recipe); returns its counts."""
     skip = tuple(json.loads((work / "state.json").read_text())["recipe"].get("skip", ()))
-    trained = tuple((f, prefix) for f, prefix in trained_mixes_before("naming", skip) if (work / f).is_file())
+    trained = tuple((f, prefix) for f, prefix in SCENE_MIXES if f.removesuffix(".jsonl") not in skip
+                    and (work / f).is_file())  # the build's own naming mix too, once WORK has one
     rows, counts = naming_rows(corpus, random.Random(seed), _used_scenes(work, trained),
                                _read_jsonl(work / "text_turns.jsonl"), scenes, every_skill, captions, lookalike_share,
                                colour, presence)

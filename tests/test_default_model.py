@@ -1309,3 +1309,10 @@ def test_naming_at_scale_asks_colour_and_as_many_absent_as_present_things_when_t
         assert len(colours) == len([o for o in layout["objects"] if o["color"]]) + bool(layout["word"])
         asked_colours += len(colours)
     assert asked_colours > 0 and counts["yes_answers"] * 2 == counts["yes_no_questions"]
+    # Once WORK holds the build's naming mix, its scenes count as used.
+    (work / "naming.jsonl").write_bytes((tmp_path / "out" / "train.jsonl").read_bytes())
+    again = write(corpus, work, tmp_path / "again", scenes=8, every_skill=0, captions=0, seed=5, lookalike_share=0.0,
+                  colour=True, presence=2)
+    first, second = ({r["image"] for r in _rows(d / "train.jsonl") if r["id"].startswith("name:")}
+                     for d in (tmp_path / "out", tmp_path / "again"))
+    assert len(second) == 8 and not first & second and again["fresh_scenes"] == counts["fresh_scenes"] - 8
