@@ -53,7 +53,7 @@ import json
 import random
 from pathlib import Path
 
-from training.default_model import SCENE_MIXES, _read_jsonl, _used_scenes, _write_jsonl, naming_rows
+from training.default_model import _read_jsonl, _used_scenes, _write_jsonl, naming_rows, trained_mixes
 
 
 def write(corpus: Path, work: Path, out: Path, scenes: int, every_skill: int, captions: int, seed: int,
@@ -61,8 +61,8 @@ def write(corpus: Path, work: Path, out: Path, scenes: int, every_skill: int, ca
     """OUT/train.jsonl about training scenes none of the mixes in WORK asked about, but for
     those of the stages its build skipped (its state.json's recipe); returns its counts."""
     skip = tuple(json.loads((work / "state.json").read_text())["recipe"].get("skip", ()))
-    trained = tuple((f, prefix) for f, prefix in SCENE_MIXES if f.removesuffix(".jsonl") not in skip
-                    and (work / f).is_file())  # the build's own naming mix too, once WORK has one
+    # every mix WORK holds, the build's own naming mix too once it has one
+    trained = tuple((f, prefix) for f, prefix in trained_mixes(skip) if (work / f).is_file())
     rows, counts = naming_rows(corpus, random.Random(seed), _used_scenes(work, trained),
                                _read_jsonl(work / "text_turns.jsonl"), scenes, every_skill, captions, lookalike_share,
                                colour, presence)

@@ -895,16 +895,17 @@ def naming_rows(corpus: Path, rng: random.Random, used: set[str], text: list[dic
                   "caption_singles": len(singles), "text_turns": len(text)}
 
 
-def trained_mixes_before(stage: str, skip: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    """The entries of SCENE_MIXES written before WORK/<stage>.jsonl by stages that trained
-    (a stage the recipe skips wrote its mix, but no model saw those scenes)."""
-    return tuple((f, prefix) for f, prefix in _mixes_before(stage) if f.removesuffix(".jsonl") not in skip)
+def trained_mixes(skip: tuple[str, ...], mixes: tuple[tuple[str, str], ...] | None = None) -> tuple[tuple[str, str], ...]:
+    """The entries of `mixes` (default SCENE_MIXES) of stages that trained: a stage the
+    recipe skips wrote its mix, but no model saw those scenes."""
+    return tuple((f, prefix) for f, prefix in (SCENE_MIXES if mixes is None else mixes)
+                 if f.removesuffix(".jsonl") not in skip)
 
 
 def write_naming(corpus: Path, work: Path, recipe: Recipe) -> dict:
     """naming.jsonl: `naming_rows` on training scenes no stage that trained asked about."""
     rows, counts = naming_rows(
-        corpus, random.Random(recipe.seed + 31), _used_scenes(work, trained_mixes_before("naming", recipe.skip)),
+        corpus, random.Random(recipe.seed + 31), _used_scenes(work, trained_mixes(recipe.skip, _mixes_before("naming"))),
         _read_jsonl(work / "text_turns.jsonl"), recipe.naming_scenes, recipe.naming_every_skill,
         recipe.naming_caption_singles, recipe.naming_lookalike_share, recipe.naming_colour, recipe.naming_presence)
     _write_jsonl(work / "naming.jsonl", rows)
