@@ -33,9 +33,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.attention_probe import CELLS, cell_tokens  # noqa: E402
+from bench.attention_probe import CELLS  # noqa: E402
 from bench.probe_vision import probe  # noqa: E402
-from training.corpus.scenes import CELL_NAMES, GRID  # noqa: E402
+from training.corpus.scenes import GRID  # noqa: E402
+from training.sharpen import cell_patches  # noqa: E402
 
 
 def cells(corpus: Path, split: str, limit: int) -> list[tuple[Path, tuple[int, int], str, str]]:
@@ -52,14 +53,6 @@ def cells(corpus: Path, split: str, limit: int) -> list[tuple[Path, tuple[int, i
                 items.extend((corpus / row["image"], CELLS[cell], obj["kind"], f"{obj['kind']}:{obj['key']}")
                              for cell in obj["cells"])
     return items
-
-
-def cell_patches(side: int, row: int, col: int) -> list[int]:
-    """Raster indices of the patches of a side x side grid that fall in cell (row, col) of the 3x3 grid:
-    only a grid the cells split evenly, so no patch is shared with a neighbour."""
-    if side % GRID:
-        raise ValueError(f"a {side}x{side} patch grid does not split into {GRID}x{GRID} cells")
-    return cell_tokens(CELL_NAMES[(row, col)], side)
 
 
 @torch.no_grad()

@@ -545,6 +545,20 @@ def test_naming_asks_what_is_in_every_occupied_cell_and_what_the_image_shows_las
     assert [a for _, a in turns[:2]] == ["a red hexagon"] * 2
 
 
+def test_cell_labels_name_every_cell_in_raster_order_and_only_a_shapes_colour():
+    from training.default_model import cell_labels
+
+    layout = {"objects": [
+        {"name": "red hexagon", "kind": "shape", "color": "red", "key": "hexagon", "count": 2, "cells": ["top left", "center"]},
+        {"name": "pair of trousers", "kind": "fashion", "color": None, "key": "trouser", "count": 1, "cells": ["bottom right"]},
+        {"name": "dog face", "kind": "emoji", "color": None, "key": "dog face", "count": 1, "cells": ["middle left"]},
+        {"name": "arrow", "kind": "clipart", "color": None, "key": "arrow", "count": 1, "cells": ["top right"]}]}
+    labels = cell_labels(layout)
+    assert labels["object"] == ["shape:hexagon", "empty", "clipart:arrow", "emoji", "shape:hexagon", "empty",
+                                "empty", "empty", "fashion:trouser"]  # an emoji by its kind alone: test glyphs are unseen
+    assert labels["colour"] == ["red", None, None, None, "red", None, None, None, None]
+
+
 def test_lookalikes_are_absent_known_and_as_many_as_the_yes_questions():
     import random
 
@@ -1085,7 +1099,15 @@ def test_a_skipped_stage_is_left_out_and_the_next_one_goes_on_from_the_last_one_
     assert short["survey"][short["survey"].index("--data") + 1] == "/w/survey.jsonl"  # its own mix still
     assert bench_later_steps(between) == ("drill", "drill-eval", "survey", "survey-eval", "resurvey", "resurvey-eval",
                                           "census", "census-eval", "naming", "naming-eval")
-    assert model_of(short["naming"]) == "/w/census"
+    assert model_of(short["naming"]) == "/w/census" and "sharpen" not in short  # off unless the recipe turns it on
+    short = stage_commands(paths, replace(Recipe(), skip=between, sharpen_tower=True))
+    # the tower stage: its own trainer, on the cell labels and their validation file, from naming's bundle
+    sharpen = short["sharpen"]
+    assert sharpen[:3] == ["train", "--stage", "sharpen"] and model_of(sharpen) == "/w/naming"
+    assert sharpen[sharpen.index("--val") + 1] == "/w/sharpen_val.jsonl" and "--resume" not in sharpen
+    assert sharpen[sharpen.index("--max-steps") + 1] == "1500" and sharpen[sharpen.index("--anchor") + 1] == "1.0"
+    assert model_of(short["rename"]) == "/w/sharpen" and short["rename"][2] == "instruct"
+    assert model_of(stage_commands(paths, replace(Recipe(), skip=("sharpen",), sharpen_tower=True))["rename"]) == "/w/naming"
     with pytest.raises(UserFacingError, match="cannot skip align, instruct: only the stages after instruct"):
         stage_commands(paths, replace(Recipe(), skip=("align", "instruct")))
 
@@ -1130,17 +1152,24 @@ def test_a_recipe_that_skips_stages_writes_their_mixes_trains_the_rest_in_a_chai
     monkeypatch.setattr(dm, "distill_text_turns", distill)
     monkeypatch.setattr(dm, "evaluate_bundle", lambda bundle, *rest, **kw: evaluated.append(bundle.name))
     recipe = replace(CHAIN, survey_scenes=3, resurvey_scenes=3, census_scenes=3, naming_scenes=3, naming_every_skill=1,
-                     naming_caption_singles=1, skip=dm.SKILL_STAGES)
+                     naming_caption_singles=1, sharpen_val_scenes=4, rename_scenes=2, rename_every_skill=1,
+                     rename_caption_singles=1, sharpen_tower=True, skip=dm.SKILL_STAGES)
     paths = dm.BuildPaths(work=tmp_path / "work", corpus=corpus, clip="shipped", out=tmp_path / "shipped")
     state = dm.build_default(paths, recipe)
     trained = {argv[argv.index("--out") + 1].split("/")[-1]: argv for argv in ran if argv[0] == "train"}
-    assert list(trained) == ["align", "instruct", "drill", "survey", "resurvey", "census", "naming"]
+    assert list(trained) == ["align", "instruct", "drill", "survey", "resurvey", "census", "naming", "sharpen", "rename"]
+    assert _model_of(trained["sharpen"]).endswith("/work/naming") and _model_of(trained["rename"]).endswith("/work/sharpen")
+    assert len(_rows(paths.work / "sharpen.jsonl")) == len(_rows(corpus / "layouts_train.jsonl"))
+    assert len(_rows(paths.work / "sharpen_val.jsonl")) == 4
+    named = {r["id"] for r in _rows(paths.work / "naming.jsonl")}
+    renamed = {r["id"] for r in _rows(paths.work / "rename.jsonl") if r["id"].startswith(("name:", "every:"))}
+    assert len(renamed) == 3 and not named & renamed  # rename's scenes are fresh: none naming asked about
     assert _model_of(trained["survey"]).endswith("/work/drill") and _model_of(trained["resurvey"]).endswith("/work/survey")
     assert _model_of(trained["census"]).endswith("/work/resurvey") and _model_of(trained["naming"]).endswith("/work/census")
     for stage in dm.SKILL_STAGES:  # each mix written (later ones may read it), nothing trained on it
         assert (paths.work / f"{stage}.jsonl").is_file() and not (paths.work / stage).exists(), stage
         assert state["stages"][stage]["result"]["trained"] is False
-    assert evaluated == ["naming"] and (paths.out / "vlm_config.json").is_file()
+    assert evaluated == ["rename"] and (paths.out / "vlm_config.json").is_file()
     assert json.loads((paths.work / "state.json").read_text())["recipe"]["skip"] == list(dm.SKILL_STAGES)
     # The same recipe with one stage less skipped trains again from that stage on.
     ran.clear()
