@@ -77,3 +77,22 @@ def test_cell_probe_takes_each_cell_of_every_non_emoji_object_and_its_patches(tm
     assert cell_patches(3, 2, 1) == [7]
     with pytest.raises(ValueError, match="8x8 patch grid"):
         cell_patches(8, 0, 0)
+
+
+def test_held_pairs_split_each_type_by_whether_a_held_out_pair_is_named(tmp_path):
+    from bench.held_pairs import by_type, held_pairs
+
+    manifest = {"holdouts": {"shape_colors": [["circle", "red"], ["diamond", "green"]]}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    pairs = held_pairs(tmp_path)
+    assert pairs == ["red circle", "green diamond"]
+    rows = [
+        {"type": "object", "question": "What is in the top left?", "answer": "a red circle", "correct": False},
+        {"type": "object", "question": "What is in the center?", "answer": "a red square", "correct": True},
+        {"type": "count", "question": "How many green diamonds are there?", "answer": "2", "correct": True},
+        {"type": "count", "question": "How many circles are there?", "answer": "1", "correct": False},
+        {"image": "x.png", "reference": "a caption", "prediction": "a caption"},  # a caption row: no type
+    ]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert by_type(tmp_path / "predictions.jsonl", pairs) == {
+        "count": {True: (1, 1), False: (0, 1)}, "object": {True: (0, 1), False: (1, 1)}}
