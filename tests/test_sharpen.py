@@ -110,3 +110,27 @@ def test_train_stage_sharpen_takes_its_own_flags_only(cell_bundle, tmp_path):
     assert main(["train", "--stage", "sharpen", "--model", str(cell_bundle), "--data", str(data), "--val", str(data),
                  "--out", str(tmp_path / "out"), "--max-steps", "2", "--batch-size", "4", "--anchor", "0.5"]) == 0
     assert json.loads((tmp_path / "out" / "cells.json").read_text())["steps"] == 2
+
+
+def test_recoloured_shuffles_each_images_colour_channels_and_keeps_its_shapes():
+    from training.sharpen import recoloured
+
+    mean, std = torch.tensor([0.48, 0.46, 0.41]), torch.tensor([0.27, 0.26, 0.28])
+    raw = torch.ones(40, 3, 6, 6)
+    raw[:, 0, 2:4, 2:4], raw[:, 1, 2:4, 2:4], raw[:, 2, 2:4, 2:4] = 0.9, 0.1, 0.1  # a red square on white
+    out = recoloured((raw - mean[:, None, None]) / std[:, None, None], mean, std, torch.Generator().manual_seed(0))
+    back = out * std[:, None, None] + mean[:, None, None]
+    assert torch.allclose(back[:, :, 0, 0], torch.ones(40, 3), atol=1e-5)  # white stays white
+    square = back[:, :, 2, 2]
+    assert torch.allclose(square.sort(1).values, torch.tensor([0.1, 0.1, 0.9]).expand(40, 3), atol=1e-5)
+    assert {int(square[i].argmax()) for i in range(40)} == {0, 1, 2}  # red, green and blue squares
+
+
+def test_sharpen_recolour_names_a_head_of_the_data(cell_bundle, tmp_path):
+    from training.sharpen import sharpen
+    from vlm_chat.errors import UserFacingError
+
+    data = _labelled_images(tmp_path / "train", 8, 0)
+    with pytest.raises(UserFacingError, match="--recolour shape: .* has no such head"):
+        sharpen(cell_bundle, data, data, tmp_path / "out", max_steps=2, batch_size=4, recolour="shape")
+    assert sharpen(cell_bundle, data, data, tmp_path / "out", max_steps=2, batch_size=4, recolour="object")["recolour"] == "object"

@@ -110,7 +110,7 @@ def _train_sharpen(settings: dict) -> int:
     from training.sharpen import sharpen
     from vlm_chat.errors import UserFacingError
 
-    known = {"model", "data", "val", "out", "max_steps", "batch_size", "lr", "head_lr", "anchor", "seed"}
+    known = {"model", "data", "val", "out", "max_steps", "batch_size", "lr", "head_lr", "anchor", "seed", "recolour"}
     other = sorted(set(settings) - known)
     if other:
         raise UserFacingError(f"stage sharpen takes none of: {', '.join('--' + k.replace('_', '-') for k in other)} "
@@ -185,6 +185,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                                      "--batch-size, --lr for the tower, --seed)")
     sharpen.add_argument("--head-lr", type=float, help="learning rate of the linear heads (default 1e-3)")
     sharpen.add_argument("--anchor", type=float, help="weight of the pull towards the original tower's features (default 1.0)")
+    sharpen.add_argument("--recolour", help="a head that also learns from each batch with its colour channels shuffled, "
+                         "so it cannot lean on the colours a label was seen in (e.g. object)")
     clip = train.add_argument_group("stage clip")
     clip.add_argument("--data", nargs="+",
                       help="data file(s): clip/align take captions JSONL; instruct takes triples JSONL/CSV, "

@@ -123,9 +123,23 @@ def _accuracy(heads, features, targets: dict[str, torch.Tensor], names: dict[str
     return out
 
 
+def recoloured(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image with its R, G and B channels in a random order (one of the 6): the same
+    shapes and background, other colours. `pixels` are normalised by `mean` and `std` (C,)."""
+    raw = pixels * std[:, None, None] + mean[:, None, None]
+    orders = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+    picked = orders[torch.randint(len(orders), (len(pixels),), generator=generator)]  # (N, 3)
+    shuffled = torch.gather(raw, 1, picked[:, :, None, None].expand_as(raw))
+    return (shuffled - mean[:, None, None]) / std[:, None, None]
+
+
 def sharpen(model_dir: str | Path, data: str | Path, val: str | Path, out: str | Path, max_steps: int = 1500,
-            batch_size: int = 64, lr: float = 1e-4, head_lr: float = 1e-3, anchor: float = 1.0, seed: int = 0) -> dict:
-    """Train the tower of the bundle at `model_dir` on the cell labels of `data`; writes the new bundle to `out`."""
+            batch_size: int = 64, lr: float = 1e-4, head_lr: float = 1e-3, anchor: float = 1.0, seed: int = 0,
+            recolour: str | None = None) -> dict:
+    """Train the tower of the bundle at `model_dir` on the cell labels of `data`; writes the new bundle to `out`.
+    With `recolour` (a head's name), that head also learns from each batch with its colour
+    channels shuffled (`recoloured`), so what it reads cannot lean on the colours a label
+    was seen in."""
     from vlm_chat.model import VisionLanguageModel
 
     torch.manual_seed(seed)
@@ -138,6 +152,8 @@ def sharpen(model_dir: str | Path, data: str | Path, val: str | Path, out: str |
     val_paths, val_labels = read_cell_labels(Path(val))
     if set(val_labels) != set(train_labels):
         raise UserFacingError(f"{val}: heads {sorted(val_labels)}, {data} has {sorted(train_labels)}")
+    if recolour is not None and recolour not in train_labels:
+        raise UserFacingError(f"--recolour {recolour}: {data} has no such head (it has {', '.join(sorted(train_labels))})")
     grid = math.isqrt(len(next(iter(train_labels.values()))[0]))
     names = {head: sorted({n for row in rows for n in row if n is not None}) for head, rows in train_labels.items()}
     ids = {head: {n: i for i, n in enumerate(labels)} for head, labels in names.items()}
@@ -190,6 +206,8 @@ def sharpen(model_dir: str | Path, data: str | Path, val: str | Path, out: str |
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max_steps))))
     generator = torch.Generator().manual_seed(seed + 1)
+    colours = torch.Generator().manual_seed(seed + 2)
+    norm = [torch.tensor(getattr(processor.image_processor, key)) for key in ("image_mean", "image_std")]
     start = time.perf_counter()
     for step in range(max_steps):
         index = torch.randint(len(train_x), (batch_size,), generator=generator)
@@ -198,6 +216,10 @@ def sharpen(model_dir: str | Path, data: str | Path, val: str | Path, out: str |
         with torch.no_grad():
             original = frozen(x)
         task = head_loss(heads, features, index)
+        if recolour is not None:
+            cells = stacked_cells(tower(recoloured(x, *norm, colours)), grid)
+            task = task + torch.nn.functional.cross_entropy(heads[recolour](cells).flatten(0, 1),
+                                                            train_y[recolour][index].flatten(), ignore_index=IGNORE)
         drift = (((features - original) / scale) ** 2).mean()
         loss = task + anchor * drift
         optim.zero_grad()
@@ -219,7 +241,7 @@ def sharpen(model_dir: str | Path, data: str | Path, val: str | Path, out: str |
         shutil.rmtree(out)
     shutil.copytree(source, out, ignore=shutil.ignore_patterns("checkpoints"))
     model.save_pretrained(out, processor, save_vision=True)
-    result = {"before": before, "after": after, "moved": round(moved, 4), "steps": max_steps,
+    result = {"before": before, "after": after, "moved": round(moved, 4), "steps": max_steps, "recolour": recolour,
               "train_images": len(train_paths), "val_images": len(val_paths)}
     (out / "cells.json").write_text(json.dumps({**result, "labels": names}, indent=1))
     print(f"cells: wrote {out}", flush=True)
