@@ -61,7 +61,7 @@ def by_type(predictions: Path, pairs: list[str]) -> dict[str, dict[bool, tuple[i
 def tower_probe(bundle: str, train: Path, corpus: Path, pairs: list[str], test: int) -> dict[str, tuple[float, int]]:
     """A linear object head on the frozen tower's cell tokens: shape cells of held-out pairs against the rest."""
     from training.default_model import cell_labels
-    from training.sharpen import IGNORE, _pixels, read_cell_labels, stacked_cells
+    from training.sharpen import IGNORE, _pixels, encode, fit_heads, read_cell_labels, stacked_cells
     from vlm_chat.model import VisionLanguageModel
 
     torch.manual_seed(0)
@@ -72,23 +72,11 @@ def tower_probe(bundle: str, train: Path, corpus: Path, pairs: list[str], test: 
     names = sorted({n for row in train_labels["object"] for n in row if n is not None})
     ids = {n: i for i, n in enumerate(names)}
     targets = torch.tensor([[ids.get(n, IGNORE) for n in row] for row in train_labels["object"]])
-
-    def encode(paths):
-        with torch.no_grad():
-            return torch.cat([tower(_pixels(processor, paths[i : i + 512])) for i in range(0, len(paths), 512)])
-
-    x = stacked_cells(encode(train_paths), 3)
-    head = torch.nn.Linear(x.shape[-1], len(names))
-    optim = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(1500):
-        index = torch.randint(len(x), (64,), generator=generator)
-        loss = torch.nn.functional.cross_entropy(head(x[index]).flatten(0, 1), targets[index].flatten(), ignore_index=IGNORE)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
+    heads = fit_heads(encode(tower, _pixels(processor, train_paths)), {"object": targets}, {"object": len(names)}, 3,
+                      steps=1500, batch_size=64, lr=1e-3, seed=0)
     with torch.no_grad():
-        predicted = head(stacked_cells(encode([corpus / r["image"] for r in layouts]), 3)).argmax(-1)
+        test_features = encode(tower, _pixels(processor, [corpus / r["image"] for r in layouts]))
+        predicted = heads["object"](stacked_cells(test_features, 3)).argmax(-1)
     hits: Counter = Counter()
     for k, layout in enumerate(layouts):
         labels = cell_labels(layout)

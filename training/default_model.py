@@ -104,6 +104,11 @@ EVERY_SKILL_SETTINGS = {
 }
 
 
+# The naming stage's settings (and rename's): census's at 0.4 times its learning rates, in fp32.
+NAMING_SETTINGS = {**EVERY_SKILL_SETTINGS, "lr": 2e-4, "projector_lr": 4e-4, "vision_lr": 1.2e-5, "val_fraction": 0.02,
+                   "mixed_precision": "no"}
+
+
 @dataclass
 class Recipe:
     """Everything that decides the default model; written next to it as recipe.json."""
@@ -281,8 +286,7 @@ class Recipe:
     naming_colour: bool = True
     naming_presence: int = 2
     naming_caption_singles: int = 150
-    naming: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "lr": 2e-4, "projector_lr": 4e-4,
-                                                  "vision_lr": 1.2e-5, "val_fraction": 0.02, "mixed_precision": "no"})
+    naming: dict = field(default_factory=lambda: dict(NAMING_SETTINGS))
     # A linear probe on a cell's own tokens told a garment in 57 % of validation cells and
     # clip art in 31 %: the tower limits naming, not only the LLM. sharpen trains the tower
     # alone on what every cell of the training scenes holds (training/sharpen.py), scored on
@@ -298,8 +302,7 @@ class Recipe:
     rename_scenes: int = 1500
     rename_every_skill: int = 200
     rename_caption_singles: int = 75
-    rename: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "lr": 2e-4, "projector_lr": 4e-4,
-                                                  "vision_lr": 1.2e-5, "val_fraction": 0.02, "mixed_precision": "no"})
+    rename: dict = field(default_factory=lambda: dict(NAMING_SETTINGS))
     # Later stages that write their mix but do not train: the next stage goes on from the
     # last one that did. Every mix is still written, so each stage's data stay those of the
     # full chain (the `tiles` recipe of RECIPES runs instruct, drill, survey, resurvey, census and naming).

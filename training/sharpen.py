@@ -107,6 +107,36 @@ def _pixels(processor, paths: list[Path], batch: int = 256) -> torch.Tensor:
                       for i in range(0, len(paths), batch)])
 
 
+def encode(tower, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The tower's patch features of `pixels`, `batch` images at a time, without gradients."""
+    with torch.no_grad():
+        return torch.cat([tower(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
+
+
+def head_loss(heads, features: torch.Tensor, targets: dict[str, torch.Tensor], grid: int) -> torch.Tensor:
+    """The summed cross entropy of every head of `targets` on each cell's stacked features."""
+    x = stacked_cells(features, grid)
+    return sum(torch.nn.functional.cross_entropy(heads[head](x).flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+               for head, y in targets.items())
+
+
+def fit_heads(features: torch.Tensor, targets: dict[str, torch.Tensor], classes: dict[str, int], grid: int, steps: int,
+              batch_size: int, lr: float, seed: int) -> torch.nn.ModuleDict:
+    """A linear head per key of `targets` (its `classes`), fit alone on fixed `features` (N, P, D):
+    `steps` AdamW steps on batches drawn with a generator seeded `seed`."""
+    dim = stacked_cells(features[:1], grid).shape[-1]
+    heads = torch.nn.ModuleDict({head: torch.nn.Linear(dim, classes[head]) for head in targets})
+    optim = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=1e-2)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randint(len(features), (batch_size,), generator=generator)
+        loss = head_loss(heads, features[index], {head: y[index] for head, y in targets.items()}, grid)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    return heads
+
+
 def _accuracy(heads, features, targets: dict[str, torch.Tensor], names: dict[str, list[str]], grid: int) -> dict:
     """Per head: overall accuracy on scored cells, and by the kind of the true label."""
     out = {}
@@ -168,32 +198,12 @@ def sharpen(model_dir: str | Path, data: str | Path, val: str | Path, out: str |
           + ", ".join(f"{h} ({len(n)} labels)" for h, n in names.items())
           + f"; pixels in {time.perf_counter() - start:.0f} s", flush=True)
 
-    def encode(module, x, batch=256):
-        with torch.no_grad():
-            return torch.cat([module(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-    dim = stacked_cells(encode(frozen, val_x[:2]), grid).shape[-1]
     scale = encode(frozen, train_x[:2048]).std(dim=(0, 1)) + 1e-6  # (D,) spread of the original features
-
-    def new_heads():
-        return torch.nn.ModuleDict({head: torch.nn.Linear(dim, len(labels)) for head, labels in names.items()})
-
-    def head_loss(heads, features, index):
-        x = stacked_cells(features, grid)
-        return sum(torch.nn.functional.cross_entropy(heads[head](x).flatten(0, 1), y[index].flatten(), ignore_index=IGNORE)
-                   for head, y in train_y.items())
 
     # The heads alone on the frozen tower: the baseline, and the start of the joint training.
     train_f, val_f0 = encode(frozen, train_x), encode(frozen, val_x)
-    heads = new_heads()
-    optim = torch.optim.AdamW(heads.parameters(), lr=head_lr, weight_decay=1e-2)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(max_steps):
-        index = torch.randint(len(train_x), (batch_size,), generator=generator)
-        loss = head_loss(heads, train_f[index], index)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
+    heads = fit_heads(train_f, train_y, {head: len(labels) for head, labels in names.items()}, grid, max_steps,
+                      batch_size, head_lr, seed)
     before = _accuracy(heads, val_f0, val_y, names, grid)
     print(f"cells: frozen tower, heads alone: {json.dumps(before)}", flush=True)
     del train_f
@@ -215,7 +225,7 @@ def sharpen(model_dir: str | Path, data: str | Path, val: str | Path, out: str |
         features = tower(x)
         with torch.no_grad():
             original = frozen(x)
-        task = head_loss(heads, features, index)
+        task = head_loss(heads, features, {head: y[index] for head, y in train_y.items()}, grid)
         if recolour is not None:
             cells = stacked_cells(tower(recoloured(x, *norm, colours)), grid)
             task = task + torch.nn.functional.cross_entropy(heads[recolour](cells).flatten(0, 1),
