@@ -29,7 +29,7 @@ runs; a rerun resumes:
             recount, retint and discern, into OUT/eval_<stage>
 
 Same data, order and settings as the build's stages, so the results compare with the
-build's model after each of them (MODEL_CARD.md: 44.0 % overall after instruct, 52.8 % after drill).
+build's model after each of them (docs/experiments.md: 44.0 % overall after instruct, 52.8 % after drill).
 `python bench/clip_shapes.py --clip OUT/clip/final` and `vlm-chat eval-clip --clip
 OUT/clip/final --corpus DIR` measure the CLIP itself.
 """

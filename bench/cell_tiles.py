@@ -25,7 +25,7 @@ middle:", ... (`vlm-chat build --image-tiles 3`; SmolVLM does the same with
             bundle of the last one run (a shorter chain: `--skip` every stage between
             drill and survey runs instruct, drill, survey and resurvey)
 
-A rerun resumes. Compare with GRID_OUT/eval (MODEL_CARD.md: 48.2 % overall, position
+A rerun resumes. Compare with GRID_OUT/eval (docs/experiments.md: 48.2 % overall, position
 33.2 %, after instruct on the same bundle without tiles), GRID_OUT/eval_drill and the
 build's own evals (`python bench/compare_evals.py`).
 """

@@ -26,12 +26,21 @@ splits the count questions into "how many objects in all?" and "how many <things
 the latter by the kind of thing asked about ("absent" when the scene holds none), and
 counts the wrong answers that gave the scene's total instead: a model that counts the
 whole scene well but not one kind of thing in it fails at finding that kind.
+
+    python bench/confusions.py EVAL_DIR/predictions.jsonl --layouts CORPUS/layouts_test.jsonl --named
+
+gives accuracy per question type by the kind of the scene's objects the question names
+(shape, fashion, clipart, emoji, several joined by "+"), and "none of the scene's" for
+questions that name nothing the scene holds: "is there a coat?" about a scene without
+one, "how many objects?". A type that is right about shapes and wrong about garments
+fails at telling what a thing is, not at the skill the type names.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -67,6 +76,26 @@ def by_objects(rows: list[dict], layouts: dict[str, dict]) -> dict[str, dict[int
         cell[0] += bool(row["correct"])
         cell[1] += 1
     return {kind: {n: (right, asked) for n, (right, asked) in sorted(counts.items())} for kind, counts in table.items()}
+
+
+def by_named_kind(rows: list[dict], layouts: dict[str, dict]) -> dict[str, dict[str, tuple[int, int]]]:
+    """type -> kinds of the scene's objects the question names -> (right, asked)."""
+    table: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for row in rows:
+        if "question" not in row:
+            continue
+        layout = _layout_of(row, layouts)
+        if layout is None:
+            continue
+        question = row["question"].lower()
+        kinds = sorted({obj["kind"] for obj in layout["objects"]
+                        if any(re.search(rf"\b{re.escape(name)}\b", question)
+                               for name in (obj["name"].lower(), plural(obj["name"].lower())))})
+        cell = table[row["type"]]["+".join(kinds) or "none of the scene's"]
+        cell[0] += bool(row["correct"])
+        cell[1] += 1
+    return {kind: {named: (right, asked) for named, (right, asked) in sorted(counts.items())}
+            for kind, counts in table.items()}
 
 
 OUTCOMES = ("right", "another object of the scene", "right colour, wrong shape", "right shape, wrong colour",
@@ -152,11 +181,13 @@ def main() -> None:
     parser.add_argument("--naming", action="store_true", help="with --layouts: what went wrong naming a cell's object")
     parser.add_argument("--counting", action="store_true",
                         help="with --layouts: count questions in all and about one kind of thing, by that kind")
+    parser.add_argument("--named", action="store_true",
+                        help="with --layouts: accuracy by type and the kind of the scene's objects the question names")
     args = parser.parse_args()
     path = Path(args.predictions)
     rows = _read_jsonl(path)
-    if (args.naming or args.counting) and not args.layouts:
-        parser.error("--naming and --counting need --layouts CORPUS/layouts_<split>.jsonl")
+    if (args.naming or args.counting or args.named) and not args.layouts:
+        parser.error("--naming, --counting and --named need --layouts CORPUS/layouts_<split>.jsonl")
     if args.layouts:
         layouts = {row["image"]: row for row in _read_jsonl(Path(args.layouts))}
         if args.naming:
@@ -177,6 +208,15 @@ def main() -> None:
                 n = counts["asked"]
                 told = "" if asked == "in all" else f"{counts['said the total']} ({100 * counts['said the total'] / n:.0f} %)"
                 print(f"| {asked} | {n} | {100 * counts['right'] / n:.0f} % ({counts['right']}) | {told} |")
+            return
+        if args.named:
+            table = by_named_kind(rows, layouts)
+            print(f"{path}: accuracy by the kind of the scene's objects the question names (right / asked)")
+            print("| type | names | right | asked | wrong |")
+            print("|---|---|---|---|---|")
+            for kind in sorted(table):
+                for named, (right, asked) in table[kind].items():
+                    print(f"| {kind} | {named} | {100 * right / asked:.1f} % | {asked} | {asked - right} |")
             return
         table = by_objects(rows, layouts)
         sizes = sorted({n for counts in table.values() for n in counts})

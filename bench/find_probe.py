@@ -3,7 +3,7 @@
     python bench/find_probe.py --corpus DIR [--model BUNDLE] [--train 4000] [--test 1000] [--steps 600]
 
 The default model places a lone object almost always but picks the wrong one of two objects
-about half the time (MODEL_CARD.md). Is that the LLM, or is the object's identity not in
+about half the time (docs/experiments.md). Is that the LLM, or is the object's identity not in
 the tokens where the object is? This probe answers with the mechanism an LLM would use:
 one query built from the object's description (an embedding of its colour plus one of its
 kind: "pink" + "star", or just "bug"), one attention over the image's tokens (keys from a

@@ -23,7 +23,7 @@ count: their mixes were written, never trained on):
 - `--captions` single-image captions and WORK's distilled text turns.
 
 The crowd and tally stages of the chain recipe lifted position and counting this way
-(one skill at scale, MODEL_CARD.md); naming after census is 44 % while census asked
+(one skill at scale, docs/experiments.md); naming after census is 44 % while census asked
 about every object of 2,400 scenes. Then, with the settings of the build's naming stage
 (census's at 0.4 times its learning rates), from WORK's census model:
 
@@ -35,7 +35,7 @@ about every object of 2,400 scenes. Then, with the settings of the build's namin
         --batch-size 32 --out OUT/eval
     python bench/compare_evals.py WORK/eval OUT/eval
 
-Measured on 2026-12-06 (MODEL_CARD.md, `--scenes 3400 --every-skill 300 --captions 150`):
+Measured on 2026-12-06 (docs/experiments.md, `--scenes 3400 --every-skill 300 --captions 150`):
 naming rose from 44 to 53 % while counting, position, reading and yes/no fell (overall
 -2.3 points, paired SE 0.7). At 0.4 times the learning rates naming kept its gain (+8.3) and overall
 was level (+0.1), but colour fell under its bar and the answers leaned to "no" (on emoji

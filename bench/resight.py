@@ -17,7 +17,7 @@ settings. Every step is a `vlm-chat` command, printed as it runs; a rerun resume
 
 On the default model after discern this took the tower's shape zero-shot from 26 % to
 79 % and the model's naming of shapes from 18 % to 21 %, but cost 2.6 points overall and
-the "yes"-share bar, so the build does not run it (MODEL_CARD.md has the figures).
+the "yes"-share bar, so the build does not run it (docs/experiments.md has the figures).
 """
 
 from __future__ import annotations

@@ -139,6 +139,25 @@ def test_accuracy_by_objects_in_the_scene_matches_predictions_to_layouts():
     assert by_objects(rows, layouts) == {"position": {1: (1, 2), 3: (1, 1)}, "count": {3: (0, 1)}}
 
 
+def test_accuracy_by_the_kind_of_object_a_question_names():
+    from bench.confusions import by_named_kind
+
+    layouts = {"images/test/scene/000001.png": {"objects": [
+        {"name": "red star", "kind": "shape", "count": 1}, {"name": "pair of trousers", "kind": "fashion", "count": 2},
+        {"name": "cat", "kind": "emoji", "count": 1}]}}
+    image = "/c/images/test/scene/000001.png"
+    rows = [
+        {"image": image, "question": "Where is the red star?", "type": "position", "correct": True},
+        {"image": image, "question": "How many pairs of trousers are there?", "type": "count", "correct": False},
+        {"image": image, "question": "Is the cat left of the red star?", "type": "relation", "correct": True},
+        {"image": image, "question": "Is there a coat?", "type": "yesno", "correct": False},  # nothing the scene holds
+        {"image": image, "question": "Is there a catapult?", "type": "yesno", "correct": True},  # not "cat": whole words
+    ]
+    assert by_named_kind(rows, layouts) == {
+        "position": {"shape": (1, 1)}, "count": {"fashion": (0, 1)}, "relation": {"emoji+shape": (1, 1)},
+        "yesno": {"none of the scene's": (1, 2)}}
+
+
 def test_naming_errors_tell_a_wrong_cell_from_a_wrong_shape():
     from bench.confusions import naming_errors
 

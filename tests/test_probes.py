@@ -96,3 +96,57 @@ def test_held_pairs_split_each_type_by_whether_a_held_out_pair_is_named(tmp_path
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert by_type(tmp_path / "predictions.jsonl", pairs) == {
         "count": {True: (1, 1), False: (0, 1)}, "object": {True: (0, 1), False: (1, 1)}}
+
+
+def _soup_bundle(root, seed: int, target_modules=("q_proj", "v_proj"), version="5.25.0"):
+    """The files bench/soup.py averages and checks, with random tensors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    (root / "vision").mkdir(parents=True)
+    (root / "adapter").mkdir()
+    save_file({"encoder.weight": torch.randn(4, 3)}, str(root / "vision" / "model.safetensors"))
+    save_file({"linear_1.weight": torch.randn(5, 4), "linear_1.bias": torch.randn(5)}, str(root / "projector.safetensors"))
+    save_file({"layer.lora_A.weight": torch.randn(2, 6), "layer.lora_B.weight": torch.randn(6, 2)},
+              str(root / "adapter" / "adapter_model.safetensors"))
+    (root / "vlm_config.json").write_text(json.dumps({"image_tiles": 3}))
+    (root / "vision" / "config.json").write_text(json.dumps({"hidden_size": 4, "transformers_version": version}))
+    (root / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"r": 2, "target_modules": list(target_modules), "base_model_name_or_path": str(root)}))
+    (root / "scores.json").write_text("{}")
+    return root
+
+
+def test_soup_writes_the_weighted_mean_of_every_trained_tensor(tmp_path):
+    from safetensors.torch import load_file
+
+    from bench.soup import WEIGHT_FILES, soup
+
+    # the same architecture though peft listed its modules in another order and another release saved the tower
+    a = _soup_bundle(tmp_path / "a", 0)
+    b = _soup_bundle(tmp_path / "b", 1, target_modules=("v_proj", "q_proj"), version="5.24.0")
+    distances = soup([a, b], [3, 1], tmp_path / "soup")
+    for name in WEIGHT_FILES:
+        mixed, first, second = (load_file(str(root / name)) for root in (tmp_path / "soup", a, b))
+        assert set(mixed) == set(first)
+        for key in first:
+            assert torch.allclose(mixed[key], 0.75 * first[key] + 0.25 * second[key])
+        assert distances[name] > 0
+    assert not (tmp_path / "soup" / "scores.json").exists()  # the first bundle's scores are not the soup's
+    assert json.loads((tmp_path / "soup" / "soup.json").read_text())["weights"] == [0.75, 0.25]
+
+
+def test_soup_refuses_bundles_it_cannot_average(tmp_path):
+    from bench.soup import soup
+
+    a = _soup_bundle(tmp_path / "a", 0)
+    other = _soup_bundle(tmp_path / "other", 1, target_modules=("q_proj", "o_proj"))
+    with pytest.raises(SystemExit, match="adapter_config.json differs"):
+        soup([a, other], [1, 1], tmp_path / "x")
+    with pytest.raises(SystemExit, match="2 bundles"):
+        soup([a, a], [1], tmp_path / "x")
+    with pytest.raises(SystemExit, match="already exists"):
+        soup([a, a], [1, 1], a)
+    (a / "projector.safetensors").unlink()
+    with pytest.raises(SystemExit, match="projector.safetensors: missing"):
+        soup([a, a], [1, 1], tmp_path / "y")

@@ -230,7 +230,7 @@ class Recipe:
     # cell that holds a shape, it gave the right colour and the wrong shape 61 % of the
     # time, and 18 % right (`bench/confusions.py --naming`). Naming took 1 question of 13
     # in the every-skill mixes. (It did not help: the CLIP cannot tell the shapes apart,
-    # `bench/clip_shapes.py`; see MODEL_CARD.md.)
+    # `bench/clip_shapes.py`; see docs/experiments.md.)
     # discern teaches it in one stage, the other skills kept in view: every object of a
     # scene named by its cell, "is there ...?" about each shape or garment and about a
     # look-alike the scene lacks (same colour, other shape; another garment), with a few
@@ -254,7 +254,7 @@ class Recipe:
     survey_scenes: int = 4500  # drawn from all training scenes, as tint's were
     survey_caption_singles: int = 200
     survey: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
-    # survey gained on every skill from 4,500 scenes, of 48,000 (MODEL_CARD.md); resurvey
+    # survey gained on every skill from 4,500 scenes, of 48,000 (docs/experiments.md); resurvey
     # asks other scenes the same way. After survey the model said "yes" to 58 % of the
     # yes/no questions, where 50 % are yes (precision 77 %, recall 89 %), so resurvey asks
     # up to 1.5 absent-thing questions per present one (the layouts hold 2.5 against 2.0).
@@ -262,7 +262,7 @@ class Recipe:
     resurvey_no_per_yes: float = 1.5
     resurvey_caption_singles: int = 200
     resurvey: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
-    # After resurvey (MODEL_CARD.md) counting was 84-91 % on scenes of 1-3 objects but
+    # After resurvey (docs/experiments.md) counting was 84-91 % on scenes of 1-3 objects but
     # 59-63 % on 4-6, objects were named by their cell 44 % of the time and relations were
     # 40 %; the "yes" share had fallen to 45.7 % (true 50.3 %). census asks fresh scenes
     # the survey way, `census_crowded_share` of them with 4 or more objects, every object
@@ -272,7 +272,7 @@ class Recipe:
     census_no_per_yes: float = 1.2
     census_caption_singles: int = 200
     census: dict = field(default_factory=lambda: {**EVERY_SKILL_SETTINGS, "val_fraction": 0.02})
-    # After census (MODEL_CARD.md) an object was named by its cell 44 % of the time. naming
+    # After census (docs/experiments.md) an object was named by its cell 44 % of the time. naming
     # asks it of every object of `naming_scenes` fresh training scenes, with each scene's
     # colour questions (colour misses were the wrong shape's colour) and up to
     # `naming_presence` "is there ...?" about present things and as many about absent ones
@@ -294,7 +294,7 @@ class Recipe:
     # naming mix of other fresh scenes (the naming stage's kinds of question, seed + 32)
     # with naming's settings, so it reads the new features.
     # Off in every recipe but `sharpen`: measured, the pair lost 0.8 points overall against
-    # naming alone (MODEL_CARD.md). Off, the two stages neither write data nor train.
+    # naming alone (docs/experiments.md). Off, the two stages neither write data nor train.
     sharpen_tower: bool = False
     sharpen_val_scenes: int = 2000
     sharpen: dict = field(default_factory=lambda: {"max_steps": 1500, "batch_size": 64, "lr": 1e-4, "head_lr": 1e-3,
