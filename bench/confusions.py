@@ -62,40 +62,39 @@ def confusions(rows: list[dict], kind: str | None) -> list[tuple[str, int, float
     return sorted(table, key=lambda row: -row[1])
 
 
-def by_objects(rows: list[dict], layouts: dict[str, dict]) -> dict[str, dict[int, tuple[int, int]]]:
-    """type -> objects in the scene -> (right, asked), for predictions on scenes in `layouts`
+def _tally(rows: list[dict], layouts: dict[str, dict], group) -> dict[str, dict]:
+    """type -> group(row, layout) -> (right, asked), for the questions on scenes in `layouts`
     (keyed by the image path relative to the corpus, as the corpus writes it)."""
-    table: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    table: dict[str, dict] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for row in rows:
         if "question" not in row:
             continue
         layout = _layout_of(row, layouts)
         if layout is None:
             continue
-        cell = table[row["type"]][sum(obj["count"] for obj in layout["objects"])]
+        cell = table[row["type"]][group(row, layout)]
         cell[0] += bool(row["correct"])
         cell[1] += 1
-    return {kind: {n: (right, asked) for n, (right, asked) in sorted(counts.items())} for kind, counts in table.items()}
+    return {kind: {key: (right, asked) for key, (right, asked) in sorted(counts.items())} for kind, counts in table.items()}
+
+
+def by_objects(rows: list[dict], layouts: dict[str, dict]) -> dict[str, dict[int, tuple[int, int]]]:
+    """type -> objects in the scene -> (right, asked)."""
+    return _tally(rows, layouts, lambda row, layout: sum(obj["count"] for obj in layout["objects"]))
+
+
+def _named_kinds(row: dict, layout: dict) -> str:
+    """The kinds of the scene's objects the question names, by name or plural ("shape+fashion")."""
+    question = row["question"].lower()
+    kinds = sorted({obj["kind"] for obj in layout["objects"]
+                    if any(re.search(rf"\b{re.escape(name)}\b", question)
+                           for name in (obj["name"].lower(), plural(obj["name"].lower())))})
+    return "+".join(kinds) or "none of the scene's"
 
 
 def by_named_kind(rows: list[dict], layouts: dict[str, dict]) -> dict[str, dict[str, tuple[int, int]]]:
     """type -> kinds of the scene's objects the question names -> (right, asked)."""
-    table: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-    for row in rows:
-        if "question" not in row:
-            continue
-        layout = _layout_of(row, layouts)
-        if layout is None:
-            continue
-        question = row["question"].lower()
-        kinds = sorted({obj["kind"] for obj in layout["objects"]
-                        if any(re.search(rf"\b{re.escape(name)}\b", question)
-                               for name in (obj["name"].lower(), plural(obj["name"].lower())))})
-        cell = table[row["type"]]["+".join(kinds) or "none of the scene's"]
-        cell[0] += bool(row["correct"])
-        cell[1] += 1
-    return {kind: {named: (right, asked) for named, (right, asked) in sorted(counts.items())}
-            for kind, counts in table.items()}
+    return _tally(rows, layouts, _named_kinds)
 
 
 OUTCOMES = ("right", "another object of the scene", "right colour, wrong shape", "right shape, wrong colour",
