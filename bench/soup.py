@@ -62,9 +62,8 @@ def soup(bundles: list[Path], weights: list[float], out: Path) -> dict[str, floa
     weights = [w / total for w in weights]
     if out.exists():
         raise SystemExit(f"{out}: already exists; give a new --out")
-    shutil.copytree(bundles[0], out, ignore=shutil.ignore_patterns(*NOT_COPIED))
-    distances = {}
-    for name in WEIGHT_FILES:
+    means, distances = {}, {}
+    for name in WEIGHT_FILES:  # everything is read and checked before anything is written
         states = [load_file(str(bundle / name)) for bundle in bundles]
         keys = set(states[0])
         for bundle, state in zip(bundles[1:], states[1:]):
@@ -80,6 +79,9 @@ def soup(bundles: list[Path], weights: list[float], out: Path) -> dict[str, floa
         distances[name] = max(
             (torch.sqrt(sum(((s[k].float() - states[0][k].float()) ** 2).sum() for k in keys)) / base).item()
             for s in states[1:]) if len(states) > 1 else 0.0
+        means[name] = mean
+    shutil.copytree(bundles[0], out, ignore=shutil.ignore_patterns(*NOT_COPIED))
+    for name, mean in means.items():
         save_file(mean, str(out / name), metadata={"format": "pt"})
     (out / "soup.json").write_text(json.dumps(
         {"bundles": [str(b) for b in bundles], "weights": weights, "relative_distance": distances}, indent=1))

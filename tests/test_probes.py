@@ -147,6 +147,14 @@ def test_soup_refuses_bundles_it_cannot_average(tmp_path):
         soup([a, a], [1], tmp_path / "x")
     with pytest.raises(SystemExit, match="already exists"):
         soup([a, a], [1, 1], a)
+    from safetensors.torch import save_file
+
+    grown = _soup_bundle(tmp_path / "grown", 2)  # a projector with a learned position per token, say
+    save_file({"linear_1.weight": torch.randn(5, 4), "linear_1.bias": torch.randn(5), "position": torch.zeros(9, 5)},
+              str(grown / "projector.safetensors"))
+    with pytest.raises(SystemExit, match="its tensors are not those"):
+        soup([a, grown], [1, 1], tmp_path / "z")
+    assert not (tmp_path / "z").exists()  # checked before anything is written
     (a / "projector.safetensors").unlink()
     with pytest.raises(SystemExit, match="projector.safetensors: missing"):
         soup([a, a], [1, 1], tmp_path / "y")
