@@ -158,3 +158,62 @@ def test_soup_refuses_bundles_it_cannot_average(tmp_path):
     (a / "projector.safetensors").unlink()
     with pytest.raises(SystemExit, match="projector.safetensors: missing"):
         soup([a, a], [1, 1], tmp_path / "y")
+
+
+def _tiny_lora_bundle(root, use_rslora: bool = False):
+    """A bundle dir whose adapter/ is a real peft LoRA (rank 2, B not zero) on a tiny module."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 4))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], use_rslora=use_rslora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    model.save_pretrained(str(root / "adapter"))
+    (root / "vlm_config.json").write_text("{}")
+    return root, model.eval()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_widen_lora_keeps_what_the_model_computes(tmp_path, use_rslora):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from bench.widen_lora import ADAPTER_WEIGHTS, widen
+
+    bundle, model = _tiny_lora_bundle(tmp_path / "b", use_rslora)
+    assert widen(bundle, 8, tmp_path / "w") == (2, 4)
+    config = json.loads((tmp_path / "w" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == (8.0 if use_rslora else 16.0)
+    weights = load_file(str(tmp_path / "w" / ADAPTER_WEIGHTS))
+    assert {tuple(t.shape) for k, t in weights.items() if "lora_A" in k} == {(8, 6), (8, 5)}
+    assert all(t[:, 2:].abs().sum() == 0 for k, t in weights.items() if "lora_B" in k)
+    assert all(t[2:].abs().sum() > 0 for k, t in weights.items() if "lora_A" in k)  # free to train
+    torch.manual_seed(0)  # the same base weights under the widened adapter
+    base = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 4))
+    wide = PeftModel.from_pretrained(base, str(tmp_path / "w" / "adapter")).eval()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.allclose(wide(x), model(x), atol=1e-6)
+        with wide.disable_adapter():
+            assert not torch.allclose(wide(x), model(x))  # the adapter does change the output
+
+
+def test_widen_lora_refuses_what_it_cannot_widen(tmp_path):
+    from bench.widen_lora import ADAPTER_CONFIG, widen
+
+    bundle, _ = _tiny_lora_bundle(tmp_path / "b")
+    with pytest.raises(SystemExit, match="already has rank 2"):
+        widen(bundle, 2, tmp_path / "w")
+    with pytest.raises(SystemExit, match="already exists"):
+        widen(bundle, 4, bundle)
+    config = json.loads((bundle / ADAPTER_CONFIG).read_text())
+    (bundle / ADAPTER_CONFIG).write_text(json.dumps({**config, "rank_pattern": {"0": 4}}))
+    with pytest.raises(SystemExit, match="rank_pattern"):
+        widen(bundle, 4, tmp_path / "w")
+    assert not (tmp_path / "w").exists()  # refused before anything is written
+    (bundle / ADAPTER_CONFIG).unlink()
+    with pytest.raises(SystemExit, match="adapter_config.json: missing"):
+        widen(bundle, 4, tmp_path / "w")
