@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from training.default_model import RUN_RECORDS
+
 WEIGHT_FILES = ("vision/model.safetensors", "projector.safetensors", "adapter/adapter_model.safetensors")
 SAME_CONFIGS = ("vlm_config.json", "vision/config.json", "adapter/adapter_config.json")
-NOT_COPIED = ("checkpoints", "recipe.json", "scores.json", "knowledge.json", "soup.json")  # they describe one bundle
+NOT_COPIED = ("checkpoints", *RUN_RECORDS, "soup.json")  # they describe one bundle
 
 
 def _config(bundle: Path, name: str) -> dict | None:

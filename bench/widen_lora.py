@@ -17,14 +17,19 @@ import argparse
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.soup import NOT_COPIED  # noqa: E402  # checkpoints and the records of one bundle's run
+
 ADAPTER_CONFIG = "adapter/adapter_config.json"
 ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"
-NOT_COPIED = ("checkpoints", "scores.json", "knowledge.json")  # they describe the old bundle's run
 
 
 def widened_config(config: dict, rank: int, where: Path) -> dict:

@@ -160,13 +160,17 @@ def test_soup_refuses_bundles_it_cannot_average(tmp_path):
         soup([a, a], [1, 1], tmp_path / "y")
 
 
+def _tiny_base():
+    """The same small module every call (seeded), for a LoRA to sit on."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 4))
+
+
 def _tiny_lora_bundle(root, use_rslora: bool = False):
-    """A bundle dir whose adapter/ is a real peft LoRA (rank 2, B not zero) on a tiny module."""
+    """A bundle dir whose adapter/ is a real peft LoRA (rank 2, B not zero) on `_tiny_base()`."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 4))
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], use_rslora=use_rslora))
+    model = get_peft_model(_tiny_base(), LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], use_rslora=use_rslora))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -191,9 +195,7 @@ def test_widen_lora_keeps_what_the_model_computes(tmp_path, use_rslora):
     assert {tuple(t.shape) for k, t in weights.items() if "lora_A" in k} == {(8, 6), (8, 5)}
     assert all(t[:, 2:].abs().sum() == 0 for k, t in weights.items() if "lora_B" in k)
     assert all(t[2:].abs().sum() > 0 for k, t in weights.items() if "lora_A" in k)  # free to train
-    torch.manual_seed(0)  # the same base weights under the widened adapter
-    base = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 4))
-    wide = PeftModel.from_pretrained(base, str(tmp_path / "w" / "adapter")).eval()
+    wide = PeftModel.from_pretrained(_tiny_base(), str(tmp_path / "w" / "adapter")).eval()
     x = torch.randn(3, 6)
     with torch.no_grad():
         assert torch.allclose(wide(x), model(x), atol=1e-6)

@@ -1391,6 +1391,9 @@ FINAL_STAGE = "rename"  # the last training stage of the build (the one shipped 
 # and instruct on the files the mix stage wrote, every later one on its own mix.
 TRAINING_STAGES = ("align", "instruct", *MIX_WRITERS)
 NOT_SHIPPED = ("checkpoints",)  # the bundle itself is the result; optimizer states stay in WORK
+# What ship writes beside a bundle's weights about how it was made and how it scored; a copy
+# whose weights are then changed (going on from the shipped model, a soup, a wider LoRA) leaves them behind.
+RUN_RECORDS = ("recipe.json", "scores.json", "knowledge.json")
 
 
 def set_image_tiles(bundle: Path, tiles: int) -> None:
@@ -1501,7 +1504,7 @@ def continue_from_shipped(paths: BuildPaths, recipe: Recipe, shipped: Path) -> s
     target = paths.work / last
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(shipped, target, ignore=shutil.ignore_patterns("recipe.json", "scores.json", "knowledge.json"))
+    shutil.copytree(shipped, target, ignore=shutil.ignore_patterns(*RUN_RECORDS))
     kept = {stage: info for stage, info in done.items() if STAGES.index(stage) <= STAGES.index(last)}
     state = {**record, "stages": kept, "unfinished_seconds": {}, "continued_from": str(shipped)}
     state_file.write_text(json.dumps(state, indent=1))
