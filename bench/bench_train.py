@@ -7,8 +7,9 @@ Both sides train the same model (the bundle's SmolLM2 + projector, LoRA r=16 on 
 LLM linear layers, frozen vision tower) on the same batches of generated
 (image, question, answer) triples. "ours" is `vlm-chat train --stage instruct`
 (accelerate, gradient clipping, cosine schedule, progress bar, metrics log, the
-output head computed only where labels are), once in fp32 and once with
-`--mixed-precision bf16` (autocast; pays off on CPUs with AMX or AVX512-BF16);
+output head computed only where labels are), once in fp32, once with
+`--mixed-precision bf16` (autocast; pays off on CPUs with AMX or AVX512-BF16) and once in
+bf16 with `--lora-dropout 0`;
 "bare" is forward (the model's full loss) / backward / AdamW step in a plain
 for-loop. The first two steps of each are warm-up and not timed.
 
@@ -17,9 +18,9 @@ in file order, so every run trains on the same batches). The baseline is ours in
 glibc's malloc with nothing done to it, measured first and last; between them ours
 calling malloc_trim after each step, ours trimming only when the process is large (the
 trainer's way, `vlm_chat/devices.py:trim_heap_when_large`), and ours in fp32 and bf16 on
-glibc, jemalloc and tcmalloc (LD_PRELOAD, where installed); `--only` picks some. The
-bare loop's full-vocabulary loss over such long conversations does not fit in 24 GB at
-batch 8. `--vision full` trains the vision tower too, as the build's stages do.
+glibc, jemalloc and tcmalloc (LD_PRELOAD, where installed), then with no LoRA dropout
+(`--lora-dropout 0`) in fp32 and in bf16 on each malloc; `--only` picks some. The bare
+loop's full-vocabulary loss over such long conversations does not fit in 24 GB at batch 8. `--vision full` trains the vision tower too, as the build's stages do.
 """
 
 from __future__ import annotations
@@ -120,15 +121,17 @@ def launch_env(preload: str | None) -> dict[str, str]:
 
 
 def ours(bundle: str, data: Path, steps: int, batch_size: int, out: Path, precision: str = "no",
-         vision: str = "frozen", trim: str = "when large", preload: str | None = None) -> float:
+         vision: str = "frozen", trim: str = "when large", preload: str | None = None,
+         lora_dropout: float | None = None) -> float:
     """samples/s of `vlm-chat train --stage instruct`; `preload` runs it on another malloc
-    (LD_PRELOAD of jemalloc or tcmalloc), else glibc's."""
+    (LD_PRELOAD of jemalloc or tcmalloc), else glibc's; `lora_dropout` is passed as
+    --lora-dropout (else the adapter's own, or 0.05 for a new one)."""
     launch = ["-c", TRIM_LAUNCH.format(TRIMS[trim])] if TRIMS[trim] else ["-m", "cli"]
     env = launch_env(preload)
     cmd = [sys.executable, *launch, "train", "--stage", "instruct", "--model", bundle, "--data", str(data),
            "--out", str(out), "--max-steps", str(steps), "--batch-size", str(batch_size), "--log-every", "1",
            "--val-fraction", "0", "--save-every", "0", "--mixed-precision", precision,
-           "--vision", vision, "--in-order"]
+           "--vision", vision, "--in-order", *(["--lora-dropout", str(lora_dropout)] if lora_dropout is not None else [])]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=env)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "samples_per_s" in r and r["step"] > WARMUP]
@@ -147,6 +150,12 @@ def mix_variants(trim_above: float) -> dict[str, dict]:
     variants["bf16"] = {"precision": "bf16", "trim": "never"}
     variants.update({f"bf16 + {name}": {"precision": "bf16", "trim": "never", "preload": lib}
                      for name, lib in allocators.items()})
+    # LoRA dropout draws a random mask in front of each of the 210 LoRA layers every step,
+    # which on a CPU cost as much as bf16 saved; without it bf16's AMX matmuls show.
+    variants["no LoRA dropout"] = {"trim": "never", "lora_dropout": 0.0}
+    variants["no LoRA dropout + bf16"] = {"precision": "bf16", "trim": "never", "lora_dropout": 0.0}
+    variants.update({f"no LoRA dropout + bf16 + {name}": {"precision": "bf16", "trim": "never", "preload": lib,
+                                                        "lora_dropout": 0.0} for name, lib in allocators.items()})
     return variants
 
 
@@ -184,16 +193,20 @@ def main() -> None:
             bare = bare_loop(bundle, data, args.steps, args.batch_size, args.vision)
             speeds = {"ours": ours(bundle, data, args.steps, args.batch_size, tmp / "run", vision=args.vision),
                       "ours, bf16": ours(bundle, data, args.steps, args.batch_size, tmp / "run-bf16", "bf16",
-                                         args.vision)}
+                                         args.vision),
+                      "ours, bf16, no LoRA dropout": ours(bundle, data, args.steps, args.batch_size,
+                                                          tmp / "run-bf16-nodrop", "bf16", args.vision,
+                                                          lora_dropout=0.0)}
             bare_again = bare_loop(bundle, data, args.steps, args.batch_size, args.vision)  # bracket ours against drift
             baseline, runs = "bare", (bare, bare_again)
     base = sum(runs) / 2
     print(f"LoRA instruct stage, vision {args.vision}, batch {args.batch_size}, {args.steps - WARMUP} timed steps, "
           f"data: {args.data or 'generated triples'}")
-    print(f"{'loop':<26} {'samples/s':>10} {'vs base':>8}")
-    print(f"{baseline:<26} {base:>10.2f} {1.0:>8.3f}   (runs: {runs[0]:.2f}, {runs[1]:.2f})")
+    width = max(26, *map(len, speeds))
+    print(f"{'loop':<{width}} {'samples/s':>10} {'vs base':>8}")
+    print(f"{baseline:<{width}} {base:>10.2f} {1.0:>8.3f}   (runs: {runs[0]:.2f}, {runs[1]:.2f})")
     for name, speed in speeds.items():
-        print(f"{name:<26} {speed:>10.2f} {speed / base:>8.3f}")
+        print(f"{name:<{width}} {speed:>10.2f} {speed / base:>8.3f}")
 
 
 if __name__ == "__main__":

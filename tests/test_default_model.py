@@ -1257,6 +1257,17 @@ def test_default_build_ships_the_tiles_recipe_and_builds_the_chain_into_work_not
     assert main(["default", "build", "--recipe", "wordscale", "--work", str(tmp_path / "w4"), "--until", "mix"]) == 0
     assert runs[3][1] == replace(tiles, align={**tiles.align, "match_word_scale": True})
     assert "--match-word-scale" in dm.stage_commands(runs[3][0], runs[3][1])["align"]
+    assert main(["default", "build", "--recipe", "quick", "--work", str(tmp_path / "w5"), "--until", "mix"]) == 0
+    quick_paths, quick = runs[4]
+    fast = {"lora_dropout": 0.0, "mixed_precision": "auto"}
+    assert quick == replace(tiles, **{stage: {**getattr(tiles, stage), **fast} for stage in dm.TILES_LORA_STAGES})
+    assert set(dm.TILES_LORA_STAGES) == set(dm.trained_stages(tiles)) - {"align"}  # every LoRA stage tiles trains
+    commands = dm.stage_commands(quick_paths, quick)
+    for stage in dm.TILES_LORA_STAGES:
+        flags = commands[stage]
+        assert flags[flags.index("--lora-dropout") + 1] == "0.0", stage
+        assert flags[flags.index("--mixed-precision") + 1] == "auto", stage  # drill and naming too (fp32 in tiles)
+    assert "--lora-dropout" not in commands["align"] and quick.drill["group_by_length"]
     # --recipe's choices are written out so that --help needs no torch: they are RECIPES' names
     with pytest.raises(SystemExit):
         main(["default", "build", "--recipe", "no-such-recipe"])

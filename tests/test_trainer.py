@@ -300,7 +300,8 @@ def test_the_train_bench_times_a_mix_on_its_first_rows_and_can_change_the_trim(t
     with pytest.raises(SystemExit, match="has 6 rows; --steps x --batch-size needs 8"):
         first_rows(mix, 8, tmp_path / "out" / "more.jsonl")
     variants = mix_variants(0.75)
-    assert {"trim after each step", "trim above 75% of memory", "bf16"} <= set(variants)
+    assert {"trim after each step", "trim above 75% of memory", "bf16", "no LoRA dropout + bf16"} <= set(variants)
+    assert not any("," in name for name in variants)  # --only splits on commas
     assert all(set(kwargs) <= set(inspect.signature(ours).parameters) for kwargs in variants.values())
     # The baseline stays on glibc (the CLI would otherwise run itself again under tcmalloc),
     # a preloaded malloc stays the one preloaded.

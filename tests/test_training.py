@@ -310,6 +310,58 @@ def test_merge_on_load_gives_the_same_logits_and_refuses_to_save(bundle, triples
         merged.save_pretrained(tmp_path / "again", processor)
 
 
+def test_lora_dropout_of_a_continued_adapter_is_kept_unless_given(bundle, triples, tmp_path):
+    """A bundle's adapter keeps training with the dropout it was made with; --lora-dropout
+    replaces it (0: no dropout layers at all) and the saved adapter says which it had."""
+    from torch import nn
+
+    def dropouts(model) -> set:
+        layers = [d for m in model.language_model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+        assert len(layers) > 0
+        return {d.p if isinstance(d, nn.Dropout) else 0.0 for d in layers}
+
+    first = tmp_path / "first"
+    assert train("--stage", "instruct", "--model", bundle, "--data", triples, "--out", first, "--max-steps", 1,
+                 "--batch-size", 2, "--lora-r", 4, "--lora-dropout", 0.1, "--val-fraction", 0) == 0
+    model, _ = VisionLanguageModel.from_pretrained(first, device="cpu")
+    apply_plan(model, TrainablePlan(llm="lora"), LoraSettings(dropout=0.05))  # not given: kept
+    assert dropouts(model) == {0.1}
+    apply_plan(model, TrainablePlan(llm="lora"), LoraSettings(), adapter_dropout=0.0)
+    assert {type(d) for m in model.language_model.modules() if hasattr(m, "lora_dropout")
+            for d in m.lora_dropout.values()} == {nn.Identity}
+
+    again = tmp_path / "again"
+    assert train("--stage", "instruct", "--model", first, "--data", triples, "--out", again, "--max-steps", 1,
+                 "--batch-size", 2, "--lora-dropout", 0, "--val-fraction", 0) == 0
+    config = json.loads((again / "adapter" / "adapter_config.json").read_text())
+    assert config["lora_dropout"] == 0 and config["r"] == 4
+    assert train("--stage", "instruct", "--model", first, "--data", triples, "--out", tmp_path / "bad",
+                 "--lora-dropout", 1.5) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_step_profile_lists_the_dropout_masks_only_when_there_is_dropout(bundle, triples, monkeypatch, capsys):
+    import sys
+
+    from bench import profile_step
+
+    def run(*flags) -> str:
+        monkeypatch.setattr(sys, "argv", ["profile_step.py", "--bundle", str(bundle), "--data", str(triples),
+                                          "--batch-size", "2", "--rows", "200", *flags])
+        profile_step.main()
+        return capsys.readouterr().out
+
+    with_dropout = run("--lora-dropout", "0.5")
+    assert "batch 2" in with_dropout and "LoRA dropout 0.5, fp32" in with_dropout and "aten::mm" in with_dropout
+    assert "aten::bernoulli_" in with_dropout
+    without = run("--lora-dropout", "0", "--bf16")
+    assert "LoRA dropout 0.0, bf16" in without and "aten::bernoulli_" not in without
+    monkeypatch.setattr(sys, "argv", ["profile_step.py", "--bundle", str(bundle), "--data", str(triples),
+                                      "--batch-size", "8"])
+    with pytest.raises(SystemExit, match="has 16 usable rows; 6 steps of 8 need more"):
+        profile_step.main()
+
+
 def test_answer_only_loss_equals_the_full_loss_and_its_gradients(bundle, triples):
     """Training computes the output head only where labels are; same loss, same gradients."""
     from functools import partial

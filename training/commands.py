@@ -169,7 +169,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     vlm.add_argument("--vision-lr", type=float, help="vision tower learning rate (default --lr)")
     vlm.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
     vlm.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 32)")
-    vlm.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    vlm.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05); given, it also replaces the dropout of an adapter the "
+                     "bundle already has. 0 trains about 1.35x faster on a CPU (README)")
     vlm.add_argument("--lora-targets", nargs="+", help="module names for LoRA (default: all linear layers)")
     vlm.add_argument("--position-embedding", action="store_true",
                      help="give the projector a learned vector per image token (zeros at first, so nothing the "
@@ -347,9 +348,10 @@ def _register_default(subparsers: argparse._SubParsersAction) -> None:
                        help="train the CLIP from scratch (default, about an hour) or take vlm_chat/assets/clip")
     build.add_argument("--out", help="where the finished model goes (default vlm_chat/assets/default; with a "
                        "recipe other than tiles, WORK/model)")
-    build.add_argument("--recipe", choices=("tiles", "cells", "wordscale", "sharpen", "chain"), default="tiles",
+    build.add_argument("--recipe", choices=("tiles", "quick", "cells", "wordscale", "sharpen", "chain"), default="tiles",
                        help="tiles: the recipe of the shipped model (default): a CLIP on the scenes' grid (needs --clip "
-                       "train), named image tiles, instruct, drill, survey, resurvey, census and naming; cells: tiles with one "
+                       "train), named image tiles, instruct, drill, survey, resurvey, census and naming; quick: tiles with no "
+                       "LoRA dropout and in bf16 where the hardware has it, about 2.6x as fast a step on an AMX CPU; cells: tiles with one "
                        "image token per cell (each cell's 2x2 patches stacked by a pixel shuffle); wordscale: tiles "
                        "with image tokens scaled to the length of the LLM's word embeddings from align on; sharpen: tiles, "
                        "then the vision tower taught what each grid cell holds and the LLM taught to read it (stages "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapters.lora import LoraSettings, add_lora, is_lora
+from adapters.lora import LoraSettings, add_lora, is_lora, set_lora_dropout
 from vlm_chat.errors import ConfigError
 
 CHOICES = {"vision": ("frozen", "lora", "full"), "projector": ("frozen", "full"), "llm": ("frozen", "lora", "full")}
@@ -30,8 +30,11 @@ class TrainablePlan:
             raise ConfigError("every part is frozen: nothing would train")
 
 
-def apply_plan(model, plan: TrainablePlan, lora: LoraSettings, quantized_llm: bool = False) -> None:
-    """Freeze everything, then unfreeze (or wrap with LoRA) exactly what the plan says."""
+def apply_plan(model, plan: TrainablePlan, lora: LoraSettings, quantized_llm: bool = False,
+               adapter_dropout: float | None = None) -> None:
+    """Freeze everything, then unfreeze (or wrap with LoRA) exactly what the plan says.
+    An adapter the bundle already carries keeps its own rank and alpha; its dropout becomes
+    `adapter_dropout` when that is given (None keeps the one it was trained with)."""
     plan.validate()
     model.requires_grad_(False)
     if plan.vision == "full":
@@ -49,6 +52,8 @@ def apply_plan(model, plan: TrainablePlan, lora: LoraSettings, quantized_llm: bo
         # The bundle already carries an adapter: keep training it.
         for name, param in model.language_model.named_parameters():
             param.requires_grad_("lora_" in name)
+        if adapter_dropout is not None:
+            set_lora_dropout(model.language_model, adapter_dropout)
     elif plan.llm == "lora":
         model.language_model = add_lora(model.language_model, lora, quantized=quantized_llm)
         if quantized_llm:

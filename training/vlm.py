@@ -42,6 +42,7 @@ class VLMStageConfig:
     val_fraction: float = 0.02
     plan: TrainablePlan = field(default_factory=TrainablePlan)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    adapter_dropout: float | None = None  # --lora-dropout as given: it also replaces a continued adapter's
     projector_lr: float | None = None
     vision_lr: float | None = None
     qlora: bool = False
@@ -60,14 +61,15 @@ def config_from_settings(stage: str, settings: dict) -> VLMStageConfig:
     data = rest.pop("data")
     val = rest.pop("val", None) or []
     plan = TrainablePlan(*(rest.pop(part) for part in ("vision", "projector", "llm")))
+    dropout = rest.pop("lora_dropout", None)
     lora = LoraSettings(
-        r=rest.pop("lora_r", 16), alpha=rest.pop("lora_alpha", 32), dropout=rest.pop("lora_dropout", 0.05),
+        r=rest.pop("lora_r", 16), alpha=rest.pop("lora_alpha", 32), dropout=0.05 if dropout is None else dropout,
         target_modules=rest.pop("lora_targets", None) or "all-linear",
     )
     config = VLMStageConfig(
         stage=stage, model=str(rest.pop("model")), data=[data] if isinstance(data, str) else list(data),
         train=train_config, val=[val] if isinstance(val, str) else list(val), plan=plan, lora=lora,
-        val_fraction=rest.pop("val_fraction", 0.02), projector_lr=rest.pop("projector_lr", None),
+        adapter_dropout=dropout, val_fraction=rest.pop("val_fraction", 0.02), projector_lr=rest.pop("projector_lr", None),
         vision_lr=rest.pop("vision_lr", None), qlora=bool(rest.pop("qlora", False)),
         position_embedding=bool(rest.pop("position_embedding", False)),
         match_word_scale=bool(rest.pop("match_word_scale", False)),
@@ -76,6 +78,7 @@ def config_from_settings(stage: str, settings: dict) -> VLMStageConfig:
     if rest:
         raise ConfigError(f"settings not used by stage {stage}: {sorted(rest)}")
     plan.validate()
+    lora.validate()
     return config
 
 
@@ -135,7 +138,7 @@ def run(config: VLMStageConfig):
               f"word embeddings {words:.2f}; output scale now {model.config.projector.output_scale:.5f}")
 
     torch.manual_seed(config.train.seed)  # LoRA's random init depends on the seed alone
-    apply_plan(model, config.plan, config.lora, quantized_llm=config.qlora)
+    apply_plan(model, config.plan, config.lora, quantized_llm=config.qlora, adapter_dropout=config.adapter_dropout)
     print(f"stage {config.stage}: {len(samples)} train / {len(val_samples)} val samples; {trainable_summary(model)}")
     wd = config.train.weight_decay
     groups = (
