@@ -84,8 +84,7 @@ def set_lora_dropout(module: nn.Module, p: float) -> None:
     saved adapter_config.json says so. p = 0 puts nn.Identity there, as peft does for a new
     adapter. On a CPU the dropout is not cheap: drawing its masks (aten::bernoulli_) took
     about a quarter of a SmolLM2 training step (README, "Speed on this 2-core CPU")."""
-    if not 0 <= p < 1:
-        raise ConfigError(f"LoRA dropout must be in [0, 1); got {p}")
+    LoraSettings(dropout=p).validate()
     from peft.tuners.lora import LoraLayer
 
     for layer in module.modules():
