@@ -78,33 +78,56 @@ def first_rows(source: Path, n: int, dest: Path) -> Path:
     return dest
 
 
-def bare_loop(bundle: str, data: Path, steps: int, batch_size: int, vision: str = "frozen") -> float:
+def bare_setup(bundle: str, data: Path, batch_size: int, n_batches: int, vision: str = "frozen",
+               lora_dropout: float | None = None):
+    """A plain PyTorch training setup, as the build's LoRA stages train: the bundle with its
+    adapter continued (or a new one as `vlm-chat train` adds it), the projector and the
+    chosen part of the vision tower trainable, AdamW, and `n_batches` batches of the data
+    file's rows in file order (wrapping round). `lora_dropout` replaces the adapter's
+    dropout as `--lora-dropout` does. Returns (model, batches, optimizer)."""
     import torch
 
     from adapters.lora import LoraSettings
-    from training.data import ConversationDataset, collate, load_samples
+    from training.data import ConversationDataset, check_samples, collate
     from training.trainable import TrainablePlan, apply_plan
     from vlm_chat.model import VisionLanguageModel
 
     torch.manual_seed(0)
     model, processor = VisionLanguageModel.from_pretrained(bundle, device="cpu", quantization="none")
-    apply_plan(model, TrainablePlan(vision, "full", "lora"), LoraSettings())
-    samples, _ = load_samples([data])
-    dataset = ConversationDataset(samples, processor, model.max_context)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    samples, problems = check_samples([str(data)], processor, model.max_context)
+    if problems:
+        raise SystemExit(f"{data}: {len(problems)} rows with problems; run `vlm-chat data check` on it")
+    lora = LoraSettings() if lora_dropout is None else LoraSettings(dropout=lora_dropout)
+    apply_plan(model, TrainablePlan(vision, "full", "lora"), lora, adapter_dropout=lora_dropout)
     model.train()
-    timed_samples, start = 0, None
-    for step in range(steps):
-        if step == WARMUP:
-            start = time.perf_counter()
-        batch = collate([dataset[(step * batch_size + i) % len(dataset)] for i in range(batch_size)], pad_id=0)
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if start is not None:
-            timed_samples += batch_size
-    return timed_samples / (time.perf_counter() - start)
+    dataset = ConversationDataset(samples, processor, model.max_context)
+    pad = processor.tokenizer.pad_token_id or 0
+    batches = [collate([dataset[(k * batch_size + i) % len(dataset)] for i in range(batch_size)], pad_id=pad)
+               for k in range(n_batches)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    return model, batches, optimizer
+
+
+def bare_step(model, optimizer, batch, *, loss_only: bool = False, bf16: bool = False) -> None:
+    """Forward (the full loss, or with `loss_only` the answer-only loss the trainer uses),
+    backward, AdamW step."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**batch, loss_only=loss_only).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def bare_loop(bundle: str, data: Path, steps: int, batch_size: int, vision: str = "frozen") -> float:
+    model, batches, optimizer = bare_setup(bundle, data, batch_size, steps, vision)
+    for batch in batches[:WARMUP]:
+        bare_step(model, optimizer, batch)
+    start = time.perf_counter()
+    for batch in batches[WARMUP:]:
+        bare_step(model, optimizer, batch)
+    return (steps - WARMUP) * batch_size / (time.perf_counter() - start)
 
 
 # The CLI with the trainer's heap trim after each step (`trim_heap_when_large`) replaced:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,35 +36,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=30, help="ops to list (default 30)")
     args = parser.parse_args()
 
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from adapters.lora import LoraSettings
-    from training.data import ConversationDataset, check_samples, collate
-    from training.trainable import TrainablePlan, apply_plan
-    from vlm_chat.model import VisionLanguageModel
+    from bench.bench_train import bare_setup, bare_step
 
-    model, processor = VisionLanguageModel.from_pretrained(args.bundle, device="cpu", quantization="none")
-    samples, problems = check_samples([str(args.data)], processor, model.max_context)
-    if problems:
-        raise SystemExit(f"{args.data}: {len(problems)} rows with problems; run `vlm-chat data check` on it")
-    if len(samples) < STEPS * args.batch_size:
-        raise SystemExit(f"{args.data} has {len(samples)} usable rows; {STEPS} steps of {args.batch_size} need more")
-    torch.manual_seed(0)
-    lora = LoraSettings() if args.lora_dropout is None else LoraSettings(dropout=args.lora_dropout)
-    apply_plan(model, TrainablePlan(args.vision, "full", "lora"), lora, adapter_dropout=args.lora_dropout)
-    model.train()
-    dataset = ConversationDataset(samples, processor, model.max_context)
-    pad = processor.tokenizer.pad_token_id or 0
-    batches = [collate([dataset[k * args.batch_size + i] for i in range(args.batch_size)], pad_id=pad) for k in range(STEPS)]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def step(batch) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model(**batch, loss_only=True).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    usable = sum(1 for line in args.data.read_text().splitlines() if line.strip())
+    if usable < STEPS * args.batch_size:
+        raise SystemExit(f"{args.data} has {usable} rows; {STEPS} steps of {args.batch_size} need more")
+    model, batches, optimizer = bare_setup(args.bundle, args.data, args.batch_size, STEPS, args.vision,
+                                           args.lora_dropout)
+    step = partial(bare_step, model, optimizer, loss_only=True, bf16=args.bf16)
 
     for batch in batches[:2]:
         step(batch)

@@ -358,8 +358,25 @@ def test_the_step_profile_lists_the_dropout_masks_only_when_there_is_dropout(bun
     assert "LoRA dropout 0.0, bf16" in without and "aten::bernoulli_" not in without
     monkeypatch.setattr(sys, "argv", ["profile_step.py", "--bundle", str(bundle), "--data", str(triples),
                                       "--batch-size", "8"])
-    with pytest.raises(SystemExit, match="has 16 usable rows; 6 steps of 8 need more"):
+    with pytest.raises(SystemExit, match="has 16 rows; 6 steps of 8 need more"):
         profile_step.main()
+
+
+def test_the_bare_loop_trains_the_same_batches_the_profiler_does(bundle, triples):
+    """bench_train's baseline and profile_step share one setup: the rows in file order, wrapping round."""
+    import torch
+
+    from bench.bench_train import bare_loop, bare_setup, bare_step
+
+    model, batches, optimizer = bare_setup(str(bundle), triples, batch_size=6, n_batches=3, lora_dropout=0.0)
+    assert len(batches) == 3 and all(b["input_ids"].shape[0] == 6 for b in batches)
+    pixels = [b["pixel_values"] for b in batches]  # 16 rows, 4 to a colour: the third batch is rows 12-15, 0, 1
+    assert torch.equal(pixels[2][4], pixels[0][0]) and not torch.equal(pixels[2][0], pixels[0][0])
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    bare_step(model, optimizer, batches[0], loss_only=True)
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert bare_loop(str(bundle), triples, steps=3, batch_size=2) > 0
 
 
 def test_answer_only_loss_equals_the_full_loss_and_its_gradients(bundle, triples):
