@@ -59,9 +59,10 @@ def make_triples(folder: Path, n: int) -> Path:
     return path
 
 
-def first_rows(source: Path, n: int, dest: Path) -> Path:
+def first_rows(source: Path, n: int, dest: Path, needed_by: str = "--steps x --batch-size") -> Path:
     """The first n rows of a mix file, image paths made absolute (they are relative to
-    the file they are in), so every loop trains on the same batches."""
+    the file they are in), so every loop trains on the same batches; `needed_by` says
+    what wants n of them when the file is short."""
     rows = []
     with source.open() as f:
         for line in f:
@@ -72,7 +73,7 @@ def first_rows(source: Path, n: int, dest: Path) -> Path:
                 row["image"] = str((source.parent / row["image"]).resolve())
             rows.append(row)
     if len(rows) < n:
-        raise SystemExit(f"{source} has {len(rows)} rows; --steps x --batch-size needs {n}")
+        raise SystemExit(f"{source} has {len(rows)} rows; {needed_by} needs {n}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return dest

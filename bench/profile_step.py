@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -38,13 +39,13 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.bench_train import bare_setup, bare_step
+    from bench.bench_train import bare_setup, bare_step, first_rows
 
-    usable = sum(1 for line in args.data.read_text().splitlines() if line.strip())
-    if usable < STEPS * args.batch_size:
-        raise SystemExit(f"{args.data} has {usable} rows; {STEPS} steps of {args.batch_size} need more")
-    model, batches, optimizer = bare_setup(args.bundle, args.data, args.batch_size, STEPS, args.vision,
-                                           args.lora_dropout)
+    with tempfile.TemporaryDirectory() as tmp:  # only the rows it trains on are checked and tokenized
+        rows = first_rows(args.data, STEPS * args.batch_size, Path(tmp) / "rows.jsonl",
+                          needed_by=f"{STEPS} steps of {args.batch_size}")
+        model, batches, optimizer = bare_setup(args.bundle, rows, args.batch_size, STEPS, args.vision,
+                                               args.lora_dropout)
     step = partial(bare_step, model, optimizer, loss_only=True, bf16=args.bf16)
 
     for batch in batches[:2]:

@@ -358,7 +358,7 @@ def test_the_step_profile_lists_the_dropout_masks_only_when_there_is_dropout(bun
     assert "LoRA dropout 0.0, bf16" in without and "aten::bernoulli_" not in without
     monkeypatch.setattr(sys, "argv", ["profile_step.py", "--bundle", str(bundle), "--data", str(triples),
                                       "--batch-size", "8"])
-    with pytest.raises(SystemExit, match="has 16 rows; 6 steps of 8 need more"):
+    with pytest.raises(SystemExit, match="has 16 rows; 6 steps of 8 needs 48"):
         profile_step.main()
 
 
