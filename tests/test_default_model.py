@@ -946,14 +946,16 @@ def test_report_says_which_bars_are_met_and_by_how_much_others_are_missed():
         "yes_no": {"n": 40, "accuracy": 0.9, "precision": 0.9, "recall": 0.9, "f1": 0.9, "yes_share": 0.62, "true_yes_share": 0.5},
         "captions": {"n": 5, "bleu4": 0.25, "cider": 1.5},
     }
-    state = {"stages": {"corpus": {"seconds": 0.0, "result": {"reused": "/x/corpus"}}, "instruct": {"seconds": 600.0, "result": None}}}
+    state = {"stages": {"corpus": {"seconds": 0.0, "result": {"reused": "/x/corpus"}},  # recorded before machines were
+                        "instruct": {"seconds": 600.0, "machines": ["AMD EPYC, 2 CPUs", "Xeon, 2 CPUs"], "result": None}}}
     text = report(scores, {"tuned_with_image": {"hits": 7, "n": 8}}, state)
     assert "| counting | 70.0 % | ≥ 75 % | missed by 5.0 pts |" in text
     assert "| colour | 95.0 % | ≥ 90 % | met |" in text
     assert "| yes/no: \"yes\" share minus true share | 12.0 % | ≤ 10 % | missed by 2.0 pts |" in text
     assert "| read (n 4) | 50.0 % |" in text
     assert "1.500" in text and "7 / 8" in text
-    assert "| instruct | 10.0 min |" in text and "(reused: corpus)" in text
+    assert "| instruct | 10.0 min | AMD EPYC, 2 CPUs; Xeon, 2 CPUs |" in text
+    assert "| corpus | 0.0 min (reused: corpus) | not recorded |" in text
 
 
 @needs_sources
@@ -971,13 +973,19 @@ def test_an_interrupted_stage_counts_the_time_spent_before_the_kill(corpus, tmp_
         raise KeyboardInterrupt
 
     monkeypatch.setattr(recipe_module, "write_mixes", killed)
+    monkeypatch.setattr(recipe_module, "machine", lambda: "machine A")
     with pytest.raises(KeyboardInterrupt):
         build_default(paths, recipe, until="mix")
     state = json.loads((paths.work / "state.json").read_text())
     assert "mix" not in state["stages"] and state["unfinished_seconds"]["mix"] >= 0.3
+    assert state["unfinished_machines"]["mix"] == ["machine A"]
+    # The build resumes on another machine: the stage's time and both machines are kept.
     monkeypatch.setattr(recipe_module, "write_mixes", real_write_mixes)
+    monkeypatch.setattr(recipe_module, "machine", lambda: "machine B")
     state = build_default(paths, recipe, until="mix")
     assert state["stages"]["mix"]["seconds"] >= 0.3 and "mix" not in state["unfinished_seconds"]
+    assert state["stages"]["mix"]["machines"] == ["machine A", "machine B"] and "mix" not in state["unfinished_machines"]
+    assert state["stages"]["corpus"]["machines"] == ["machine A"]  # finished on the first run, not touched again
 
 
 @needs_sources

@@ -199,7 +199,7 @@ def test_group_by_length_trains_and_needs_lengths(tmp_path):
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_bf16_autocast_only_where_the_cpu_has_it(tmp_path, monkeypatch, native):
+def test_bf16_autocast_only_where_the_cpu_has_it(tmp_path, monkeypatch, capsys, native):
     monkeypatch.setattr("training.trainer.torch.cuda.is_available", lambda: False)
     monkeypatch.setattr("training.trainer.cpu_has_native_bf16", lambda: native)
     seen = set()
@@ -219,6 +219,32 @@ def test_bf16_autocast_only_where_the_cpu_has_it(tmp_path, monkeypatch, native):
     seen.clear()
     run(config(tmp_path, f"auto-{native}", max_steps=2, mixed_precision="auto"), loss_fn)  # no warning: auto asks for no emulation
     assert seen == ({torch.bfloat16} if native else {False})
+    # Each run says what it computed in, and on what (the build records the latter per stage).
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("training on ")]
+    assert len(said) == 2 and all(line.endswith("bf16 autocast" if native else ", fp32") for line in said)
+
+
+def test_machine_names_the_cpu_its_cpus_and_its_bf16(tmp_path, monkeypatch):
+    from vlm_chat import devices
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD  EPYC 9R14\nflags\t: fpu\n")
+    assert devices.cpu_name(str(cpuinfo)) == "AMD EPYC 9R14"
+    monkeypatch.setattr(devices.platform, "processor", lambda: "arm")
+    assert devices.cpu_name(str(tmp_path / "missing")) == "arm"  # not Linux: what platform knows
+    monkeypatch.setattr(devices, "cpu_name", lambda: "Xeon")
+    monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(devices.torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(devices.torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert devices.machine() == "Xeon, 2 CPUs, bf16 by AMX and AVX512-BF16"
+    monkeypatch.setattr(devices.torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(devices.torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert devices.machine() == "Xeon, 1 CPU, no native bf16"
+    monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(devices.torch.cuda, "get_device_name", lambda index: "NVIDIA A10G")
+    assert devices.machine() == "NVIDIA A10G (CUDA)"
 
 
 # Tensors of changing sizes, as batches of changing length make, after one larger block was

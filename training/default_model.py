@@ -63,7 +63,7 @@
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
 Every stage records its wall time in WORK/state.json (summed over interrupted
-runs); a stage that finished is skipped when the command runs again, and a training stage that was killed resumes
+runs) and the machine it ran on (each of them, when a run moved); a stage that finished is skipped when the command runs again, and a training stage that was killed resumes
 from its last checkpoint. When the recipe changes, the first stage whose settings
 changed and every stage after it run again (their old outputs are deleted); the
 stages before it are kept. A setting that an older state.json lacks counts as its
@@ -87,6 +87,7 @@ from training.corpus.scenes import CELL_NAMES, Holdouts, Item, ask, scene_from_l
 from training.corpus.scenes import GRID as CELLS_PER_SIDE
 from training.corpus.templates import article, counted
 from training.data import IMAGE
+from vlm_chat.devices import machine
 from vlm_chat.errors import UserFacingError
 
 STAGES = ("corpus", "clip", "bundle", "mix", "distill", "align", "instruct", "drill", "review", "lone", "consolidate",
@@ -1515,7 +1516,7 @@ def continue_from_shipped(paths: BuildPaths, recipe: Recipe, shipped: Path) -> s
         shutil.rmtree(target)
     shutil.copytree(shipped, target, ignore=shutil.ignore_patterns(*RUN_RECORDS))
     kept = {stage: info for stage, info in done.items() if STAGES.index(stage) <= STAGES.index(last)}
-    state = {**record, "stages": kept, "unfinished_seconds": {}, "continued_from": str(shipped)}
+    state = {**record, "stages": kept, "unfinished_seconds": {}, "unfinished_machines": {}, "continued_from": str(shipped)}
     state_file.write_text(json.dumps(state, indent=1))
     print(f"[{last}] taken from {shipped}; the build goes on after it", flush=True)
     return last
@@ -1529,6 +1530,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
     wanted = recipe_json(recipe)
     stages = state.setdefault("stages", {})
     unfinished = state.setdefault("unfinished_seconds", {})  # stages that were interrupted, time spent so far
+    ran_on = state.setdefault("unfinished_machines", {})  # and the machines they ran on (a build may move)
     w = paths.work
 
     def save_state() -> None:  # written whole then renamed: a kill mid-write leaves the last state, not half of one
@@ -1547,6 +1549,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         for stage in stale:
             stages.pop(stage, None)
             unfinished.pop(stage, None)
+            ran_on.pop(stage, None)
             for name in STAGE_OUTPUTS.get(stage, ()):
                 target = w / name
                 if target.is_dir():
@@ -1556,6 +1559,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
     state["recipe"] = wanted
     save_state()  # a kill from here on resumes, not re-deletes
     commands = stage_commands(paths, recipe)
+    here = machine()
     final = trained_stages(recipe)[-1]  # the stage whose bundle is evaluated and shipped
 
     def corpus():
@@ -1616,6 +1620,8 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
         else:
             print(f"[{stage}] starting", flush=True)
             before, start = unfinished.get(stage, 0.0), time.monotonic()
+            if here not in ran_on.setdefault(stage, []):
+                ran_on[stage].append(here)
             stop = threading.Event()
 
             def beat() -> None:  # the time spent so far, on disk every beat: a SIGKILL (a session's end) loses one beat at most
@@ -1632,7 +1638,7 @@ def build_default(paths: BuildPaths, recipe: Recipe, until: str | None = None) -
                 heart.join()
                 unfinished[stage] = round(before + time.monotonic() - start, 1)
                 save_state()
-            stages[stage] = {"seconds": unfinished.pop(stage), "result": result}
+            stages[stage] = {"seconds": unfinished.pop(stage), "machines": ran_on.pop(stage, []), "result": result}
             save_state()
             print(f"[{stage}] done in {stages[stage]['seconds']:.0f} s", flush=True)
         if stage == until:
@@ -1686,9 +1692,10 @@ def report(scores: dict, knowledge: dict | None, state: dict | None) -> str:
                 k = knowledge[key]
                 lines.append(f"| held-out general questions, {label} | {k['hits']} / {k['n']} | | |")
     if state:
-        lines += ["", "| stage | wall time |", "|---|---|"]
+        lines += ["", "| stage | wall time | ran on |", "|---|---|---|"]
         for stage, info in state.get("stages", {}).items():
             result = info.get("result") or {}
             note = " (reused: " + Path(result["reused"]).name + ")" if isinstance(result, dict) and "reused" in result else ""
-            lines.append(f"| {stage} | {info['seconds'] / 60:.1f} min{note} |")
+            where = "; ".join(info.get("machines", [])) or "not recorded"  # builds from before 2026-12-07
+            lines.append(f"| {stage} | {info['seconds'] / 60:.1f} min{note} | {where} |")
     return "\n".join(lines)

@@ -42,10 +42,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vlm_chat.devices import cpu_has_native_bf16, trim_heap_when_large
+from vlm_chat.devices import cpu_has_native_bf16, machine, trim_heap_when_large
 from vlm_chat.errors import ConfigError, UserFacingError
 
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")  # auto: bf16 where the hardware does it natively, else fp32
+PRECISION_LABELS = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}  # what a run computes in
 SCHEDULES = ("cosine", "constant")
 CHECKPOINT_PREFIX = "step-"
 
@@ -536,7 +537,9 @@ def train(
     # precision on this one (`vlm-chat default build` runs instruct in fp32, then drill in bf16,
     # in one process; accelerate raised there). The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=_autocast_precision(config))
+    precision = _autocast_precision(config)
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=precision)
+    accelerator.print(f"training on {machine()}, {PRECISION_LABELS[precision]}")
     set_seed(config.seed)  # python random, numpy, torch (all devices)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import platform
 import sys
 from collections.abc import Mapping
 
@@ -29,6 +30,34 @@ def cpu_has_native_bf16() -> bool:
     torch emulates bf16 and autocast to it runs far slower than fp32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name as Linux reports it ("AMD EPYC", "Intel(R) Xeon(R) ..."), else
+    what `platform` knows, else "unknown CPU"."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> str:
+    """One line that says what a run ran on, for timings recorded next to it: the GPU when
+    training uses one, else the CPU's name, how many CPUs this process may use, and how it
+    does bf16 ("AMX", "AVX512-BF16" or none), which decides what `mixed_precision auto` picks
+    and so how fast a training stage runs."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA)"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    kinds = [label for label, check in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+             if getattr(torch.cpu, check, lambda: False)()]
+    bf16 = f"bf16 by {' and '.join(kinds)}" if kinds else "no native bf16"
+    return f"{cpu_name()}, {cpus} CPU{'s' if cpus != 1 else ''}, {bf16}"
 
 
 @functools.cache
