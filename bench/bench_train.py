@@ -177,6 +177,8 @@ def mix_variants(trim_above: float) -> dict[str, dict]:
     # LoRA dropout draws a random mask in front of each of the 210 LoRA layers every step,
     # which on a CPU cost as much as bf16 saved; without it bf16's AMX matmuls show.
     variants["no LoRA dropout"] = {"trim": "never", "lora_dropout": 0.0}
+    variants.update({f"no LoRA dropout + {name}": {"trim": "never", "preload": lib, "lora_dropout": 0.0}
+                     for name, lib in allocators.items()})
     variants["no LoRA dropout + bf16"] = {"precision": "bf16", "trim": "never", "lora_dropout": 0.0}
     variants.update({f"no LoRA dropout + bf16 + {name}": {"precision": "bf16", "trim": "never", "preload": lib,
                                                         "lora_dropout": 0.0} for name, lib in allocators.items()})

@@ -328,6 +328,11 @@ def test_the_train_bench_times_a_mix_on_its_first_rows_and_can_change_the_trim(t
     variants = mix_variants(0.75)
     assert {"trim after each step", "trim above 75% of memory", "bf16", "no LoRA dropout + bf16"} <= set(variants)
     assert not any("," in name for name in variants)  # --only splits on commas
+    # Each malloc times no-dropout training in fp32 and in bf16, so the two compare on it.
+    for name, kwargs in variants.items():
+        if name.startswith("no LoRA dropout + bf16 + "):
+            fp32 = variants["no LoRA dropout + " + name.removeprefix("no LoRA dropout + bf16 + ")]
+            assert fp32 == {**kwargs, "precision": "no"} or {**fp32, "precision": "bf16"} == kwargs
     assert all(set(kwargs) <= set(inspect.signature(ours).parameters) for kwargs in variants.values())
     # The baseline stays on glibc (the CLI would otherwise run itself again under tcmalloc),
     # a preloaded malloc stays the one preloaded.
