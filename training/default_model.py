@@ -63,7 +63,8 @@
   ship      copy the trained bundle (LLM by reference) to vlm_chat/assets/default
 
 Every stage records its wall time in WORK/state.json (summed over interrupted
-runs) and the machine it ran on (each of them, when a run moved); a stage that finished is skipped when the command runs again, and a training stage that was killed resumes
+runs) and the machine it ran on (each of them, when a run moved); a stage that finished
+is skipped when the command runs again, and a training stage that was killed resumes
 from its last checkpoint. When the recipe changes, the first stage whose settings
 changed and every stage after it run again (their old outputs are deleted); the
 stages before it are kept. A setting that an older state.json lacks counts as its

@@ -25,11 +25,16 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_bf16_units() -> list[str]:
+    """The units this CPU does bf16 math with in hardware, of "AMX" and "AVX512-BF16"."""
+    checks = {"AMX": "_is_amx_tile_supported", "AVX512-BF16": "_is_avx512_bf16_supported"}
+    return [unit for unit, name in checks.items() if getattr(torch.cpu, name, lambda: False)()]
+
+
 def cpu_has_native_bf16() -> bool:
     """True when this CPU does bf16 math in hardware (AVX512-BF16 or AMX); without either,
     torch emulates bf16 and autocast to it runs far slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return bool(cpu_bf16_units())
 
 
 def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -54,9 +59,8 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA)"
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    kinds = [label for label, check in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
-             if getattr(torch.cpu, check, lambda: False)()]
-    bf16 = f"bf16 by {' and '.join(kinds)}" if kinds else "no native bf16"
+    units = cpu_bf16_units()
+    bf16 = f"bf16 by {' and '.join(units)}" if units else "no native bf16"
     return f"{cpu_name()}, {cpus} CPU{'s' if cpus != 1 else ''}, {bf16}"
 
 
