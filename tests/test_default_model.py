@@ -1364,3 +1364,72 @@ def test_naming_at_scale_asks_colour_and_as_many_absent_as_present_things_when_t
     first, second = ({r["image"] for r in _rows(d / "train.jsonl") if r["id"].startswith("name:")}
                      for d in (tmp_path / "out", tmp_path / "again"))
     assert len(second) == 8 and not first & second and again["fresh_scenes"] == counts["fresh_scenes"] - 8
+
+
+def test_a_recorded_recipe_reads_back_as_the_recipe_with_defaults_for_fields_it_lacks():
+    import training.default_model as dm
+    from vlm_chat.errors import UserFacingError
+
+    for name in dm.RECIPES:
+        recipe = replace(Recipe(), **dm.RECIPES[name])
+        assert dm.recipe_from_json(json.loads(json.dumps(dm.recipe_json(recipe)))) == recipe, name
+    older = dm.recipe_json(SMALL)
+    del older["naming_scenes"]  # recorded before the field existed: the build ran its default
+    assert dm.recipe_from_json(older) == SMALL
+    with pytest.raises(UserFacingError, match="does not know \\(frobnicate\\).*update vlm-chat"):
+        dm.recipe_from_json({**older, "frobnicate": 1})
+
+
+@needs_sources
+def test_default_eval_scores_a_shipped_model_again_on_its_own_test_sample_and_says_if_it_reproduced(
+        corpus, tmp_path, tiny_bundle, capsys):
+    import training.default_model as dm
+    from cli.main import main
+    from vlm_chat.errors import UserFacingError
+
+    recipe = replace(SMALL, seed=3)  # the corpus fixture's seed
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bundle[0], model)
+    record = {"recipe": dm.recipe_json(recipe), "stages": {"mix": {"result": write_mixes(corpus, tmp_path / "made", recipe)}}}
+    (model / "recipe.json").write_text(json.dumps(record))
+
+    first = dm.reevaluate(model, tmp_path / "w1", corpus)
+    assert first["recorded"] is None and first["scores"]["n"] == 25 and first["scores"]["captions"]["n"] == 6
+    for name in ("eval_triples.jsonl", "eval_captions.jsonl"):  # the very sample the model was scored on
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "made" / name).read_bytes()
+    assert "nothing to compare with" in capsys.readouterr().out
+
+    # as shipped: its scores and general questions recorded beside it
+    shutil.copy(tmp_path / "w1" / "eval" / "scores.json", model / "scores.json")
+    record["stages"]["eval"] = {"result": dm.knowledge_hits(first["knowledge"])}
+    (model / "recipe.json").write_text(json.dumps(record))
+    again = dm.reevaluate(model, tmp_path / "w2", corpus)
+    assert again["differences"] == {} and again["scores"] == first["scores"]
+    out = capsys.readouterr().out
+    assert "reproduced: every measure is the recorded one" in out and "| recorded | now |" in out
+    assert "VQA accuracy, overall" in out  # the bars
+
+    changed = json.loads(json.dumps(first["scores"]))
+    changed["accuracy"] += 0.01
+    changed["captions"]["cider"] += 0.5
+    kind = sorted(changed["by_type"])[0]
+    changed["by_type"][kind]["accuracy"] += 0.5
+    changed["by_type"]["new kind"] = {"accuracy": 1.0, "n": 1}
+    assert set(dm.score_differences(changed, first["scores"])) == {
+        "VQA accuracy, overall", f"{kind} accuracy", "new kind accuracy", "captions CIDEr"}
+    assert dm.score_differences(changed, first["scores"])["new kind accuracy"] == (None, 1.0)  # (now, recorded)
+    del changed["yes_no"]
+    assert dm.score_differences(changed, first["scores"])["yes/no F1"][1] is None  # missing from the record
+
+    # what it refuses, before any eval
+    record["stages"]["mix"]["result"]["eval_questions"] = 24
+    (model / "recipe.json").write_text(json.dumps(record))
+    with pytest.raises(UserFacingError, match=r"test sample differs.*eval_questions 25 \(recorded 24\)"):
+        dm.reevaluate(model, tmp_path / "w3", corpus)
+    record["recipe"]["seed"] = 0
+    (model / "recipe.json").write_text(json.dumps(record))
+    with pytest.raises(UserFacingError, match="corpus of seed 3; the model was scored on the corpus of seed 0"):
+        dm.reevaluate(model, tmp_path / "w4", corpus)
+    (model / "recipe.json").unlink()
+    assert main(["default", "eval", "--model", str(model), "--work", str(tmp_path / "w5"), "--corpus", str(corpus)]) != 0
+    assert "recipe.json: missing" in capsys.readouterr().err

@@ -80,7 +80,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from training.corpus.drawing import SHAPES
@@ -1174,6 +1174,11 @@ def write_clip_captions(corpus: Path, out: Path, shape_copies: int, seed: int) -
     return {"captions": len(rows), "shape_captions": len(shapes), "pairs": len(mixed)}
 
 
+def corpus_command(corpus: Path, recipe: Recipe) -> list[str]:
+    """`vlm-chat corpus build` of the corpus a recipe's build reads (all its other settings the defaults)."""
+    return ["corpus", "build", "--out", str(corpus), "--seed", str(recipe.seed)]
+
+
 def clip_command(corpus: Path, out: Path, recipe: Recipe) -> list[str]:
     """`vlm-chat train --stage clip` into OUT/clip, on the corpus captions or, with shape
     copies, on OUT/clip_captions.jsonl (`write_clip_captions` writes it), held out on the
@@ -1228,7 +1233,7 @@ def stage_commands(paths: BuildPaths, recipe: Recipe) -> dict[str, list[str]]:
                 *_flags({"mixed_precision": recipe.mixed_precision, **settings})]
 
     return {
-        "corpus": ["corpus", "build", "--out", str(paths.corpus), "--seed", str(recipe.seed)],
+        "corpus": corpus_command(paths.corpus, recipe),
         "clip": clip_command(paths.corpus, w, recipe),
         "bundle": bundle_command(paths, recipe),
         "align": train("align", "align", after="bundle", settings=recipe.align),
@@ -1459,6 +1464,24 @@ def first_inserted_stage(done: dict) -> str | None:
     return None
 
 
+def recipe_from_json(data: dict) -> Recipe:
+    """The Recipe a recipe.json or state.json records (the inverse of `recipe_json`). A field
+    the record lacks takes its default, which is what the build did before the field existed."""
+    defaults = Recipe()
+    unknown = sorted(set(data) - {f.name for f in fields(Recipe)})
+    if unknown:
+        raise UserFacingError(f"the recorded recipe has fields this vlm-chat does not know ({', '.join(unknown)}): "
+                              "a newer vlm-chat made it; update vlm-chat")
+    return replace(defaults, **{k: tuple(v) if isinstance(getattr(defaults, k), tuple) else v for k, v in data.items()})
+
+
+def count_differences(recorded: dict | None, written: dict) -> str:
+    """What a data writer run again wrote that differs from the counts a build recorded for it
+    ("scenes 4 (recorded 5)"), or "" when every count it recorded is the same."""
+    recorded = recorded or {}
+    return ", ".join(f"{k} {v} (recorded {recorded[k]})" for k, v in written.items() if k in recorded and recorded[k] != v)
+
+
 def continue_from_shipped(paths: BuildPaths, recipe: Recipe, shipped: Path) -> str:
     """Set WORK up as the build left it when it made the `shipped` model, without training
     again: the corpus, the bundle, every data file up to the model's last training stage
@@ -1498,10 +1521,8 @@ def continue_from_shipped(paths: BuildPaths, recipe: Recipe, shipped: Path) -> s
         _cli(bundle_command(paths, recipe, shipped / "vision" if own_tower else None))
 
     def check(stage: str, written: dict) -> None:
-        recorded = done.get(stage, {}).get("result") or {}
-        differ = {k: (v, recorded[k]) for k, v in written.items() if k in recorded and recorded[k] != v}
-        if differ:
-            detail = ", ".join(f"{k} {now} (recorded {then})" for k, (now, then) in differ.items())
+        detail = count_differences(done.get(stage, {}).get("result"), written)
+        if detail:
             raise UserFacingError(f"[{stage}] the data differ from the shipped model's: {detail}; was the corpus "
                                   f"built with another seed or version? Rebuild it, or rebuild from nothing")
         print(f"[{stage}] data rewritten, as recorded", flush=True)
@@ -1700,3 +1721,98 @@ def report(scores: dict, knowledge: dict | None, state: dict | None) -> str:
             where = "; ".join(info.get("machines", [])) or "not recorded"  # builds from before 2026-12-07
             lines.append(f"| {stage} | {info['seconds'] / 60:.1f} min{note} | {where} |")
     return "\n".join(lines)
+
+
+# -- scoring a shipped model again ------------------------------------------------------------
+
+# What `reevaluate` holds against the recorded scores, besides each question type's accuracy:
+# (label, how to read it from scores.json).
+RECORDED_MEASURES = (
+    ("VQA accuracy, overall", lambda s: s["accuracy"]),
+    ("yes/no F1", lambda s: s["yes_no"]["f1"]),
+    ("yes/no precision", lambda s: s["yes_no"]["precision"]),
+    ("yes/no recall", lambda s: s["yes_no"]["recall"]),
+    ("\"yes\" share", lambda s: s["yes_no"]["yes_share"]),
+    ("captions BLEU-4", lambda s: s["captions"]["bleu4"]),
+    ("captions CIDEr", lambda s: s["captions"]["cider"]),
+)
+
+
+def score_differences(recorded: dict, now: dict) -> dict[str, tuple[float | None, float | None]]:
+    """measure -> (now, recorded) for every measure of RECORDED_MEASURES and every question
+    type's accuracy that either run has and the two do not give alike (to 1e-9; greedy
+    decoding of the same model on the same questions gives the same answers, so a
+    difference is a changed answer)."""
+    def read(scores: dict, how) -> float | None:
+        try:
+            return float(how(scores))
+        except (KeyError, TypeError):
+            return None
+
+    types = sorted({*recorded.get("by_type", {}), *now.get("by_type", {})})
+    measures = (*RECORDED_MEASURES[:1], *((f"{name} accuracy", lambda s, name=name: s["by_type"][name]["accuracy"])
+                                          for name in types), *RECORDED_MEASURES[1:])
+    differences = {}
+    for label, how in measures:
+        a, b = read(now, how), read(recorded, how)
+        if (a is None) != (b is None) or (a is not None and abs(a - b) > 1e-9):
+            differences[label] = (a, b)
+    return differences
+
+
+def reevaluate(bundle: Path, work: Path, corpus: Path, batch_size: int | None = None) -> dict:
+    """Score `bundle`, a model `vlm-chat default build` shipped, again on the test sample its
+    build scored it on: the corpus (built into `corpus` if it holds none), the eval files the
+    mix stage writes (seeded by the model's recipe.json, their counts checked against it),
+    `vlm-chat eval` into WORK/eval and the held-out general questions. Prints the scores
+    against the bars, and against the scores.json and general questions the model records.
+    Returns {"scores", "knowledge", "recorded" (None without a scores.json), "differences"}."""
+    record_file = bundle / "recipe.json"
+    if not record_file.is_file():
+        raise UserFacingError(f"{record_file}: missing; `vlm-chat default eval` scores a model `vlm-chat default build` "
+                              "made, on the test sample its recipe.json names. For any other bundle: "
+                              "vlm-chat eval --model BUNDLE --data TEST.jsonl")
+    record = json.loads(record_file.read_text())
+    recipe = recipe_from_json(record.get("recipe") or {})
+    if not (corpus / "manifest.json").is_file():
+        _cli(corpus_command(corpus, recipe))
+    seed = json.loads((corpus / "manifest.json").read_text()).get("seed")
+    if seed != recipe.seed:
+        raise UserFacingError(f"{corpus}: a corpus of seed {seed}; the model was scored on the corpus of seed {recipe.seed}. "
+                              f"Give --corpus a new folder (it is built there) or one from "
+                              f"`vlm-chat corpus build --out DIR --seed {recipe.seed}`")
+    work.mkdir(parents=True, exist_ok=True)
+    detail = count_differences(record.get("stages", {}).get("mix", {}).get("result"), write_mixes(corpus, work, recipe))
+    if detail:
+        raise UserFacingError(f"{corpus}: the test sample differs from the one {bundle.name} was scored on ({detail}); "
+                              f"was the corpus built by another version of vlm-chat or with other settings? Give "
+                              f"--corpus a new folder and it is built the way the build built it")
+    print(f"test sample rewritten as recorded: {work / 'eval_triples.jsonl'}, {work / 'eval_captions.jsonl'}", flush=True)
+    dest = work / "eval"
+    evaluate_bundle(bundle, work, dest, batch_size or recipe.eval_batch_size)
+    scores = json.loads((dest / "scores.json").read_text())
+    knowledge = json.loads((dest / "knowledge.json").read_text())
+    print(report(scores, knowledge, None))
+    recorded_file = bundle / "scores.json"
+    if not recorded_file.is_file():
+        print(f"\n{recorded_file}: missing, so nothing to compare with", flush=True)
+        return {"scores": scores, "knowledge": knowledge, "recorded": None, "differences": {}}
+    from training.evaluate import comparison_table
+
+    recorded = json.loads(recorded_file.read_text())
+    differences = score_differences(recorded, scores)
+    hits = knowledge_hits(knowledge).get("tuned_with_image")
+    recorded_hits = ((record.get("stages", {}).get("eval") or {}).get("result") or {}).get("tuned_with_image")
+    if recorded_hits is not None and hits != recorded_hits:
+        differences["general questions, image attached"] = (hits, recorded_hits)
+    print(f"\nagainst what {bundle} records (its scores.json; `now` is this run):\n")
+    print(comparison_table({"recorded": recorded, "now": scores}))
+    if differences:
+        def show(value) -> str:
+            return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+        print("\nNOT reproduced: " + "; ".join(f"{label} {show(now)} now, {show(then)} recorded"
+                                               for label, (now, then) in differences.items()), flush=True)
+    else:
+        print(f"\nreproduced: every measure is the recorded one (general questions {hits})", flush=True)
+    return {"scores": scores, "knowledge": knowledge, "recorded": recorded, "differences": differences}
