@@ -219,3 +219,28 @@ def test_widen_lora_refuses_what_it_cannot_widen(tmp_path):
     (bundle / ADAPTER_CONFIG).unlink()
     with pytest.raises(SystemExit, match="adapter_config.json: missing"):
         widen(bundle, 4, tmp_path / "w")
+
+
+def test_yes_no_margin_scores_thresholds_as_the_eval_scores_answers(tmp_path):
+    from bench.yes_no_margin import best_threshold, f1_at, roc_auc, yes_no_rows
+    from training.evaluate import VQAItem, yes_no_scores
+
+    rows = [{"image": "a.png", "question": f"q{i}", "answer": a, "type": "yesno"}
+            for i, a in enumerate(["yes", "no", "Yes", "3", "no", "yes"])]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = yes_no_rows(tmp_path / "t.jsonl")
+    assert [r["question"] for r in kept] == ["q0", "q1", "q2", "q4", "q5"]  # "3" is no yes/no question
+    assert len(yes_no_rows(tmp_path / "t.jsonl", limit=2, seed=1)) == 2
+
+    scores = [2.0, 0.5, -1.0, -2.0, 1.5]
+    truth = [True, False, True, False, True]
+    # at 0, what greedy decoding answers; the eval's own F1 and "yes" share of those answers
+    items = [VQAItem("yes" if s > 0 else "no", "yes" if t else "no", "yesno") for s, t in zip(scores, truth)]
+    expected = yes_no_scores(items)
+    f1, share = f1_at(scores, truth, 0.0)
+    assert f1 == pytest.approx(expected["f1"]) and share == pytest.approx(expected["yes_share"])
+    threshold, best = best_threshold(scores, truth)
+    assert best == pytest.approx(f1_at(scores, truth, threshold)[0]) and best >= f1
+    assert -2.0 < threshold < -1.0 and best == pytest.approx(6 / 7)  # "yes" above -2: tp 3, fp 1, fn 0
+    assert roc_auc(scores, truth) == pytest.approx(5 / 6)  # of 6 (yes, no) pairs, (-1.0, 0.5) is the one misordered
+    assert roc_auc([1.0, 1.0], [True, False]) == 0.5
