@@ -961,8 +961,8 @@ CELL_INDEX = {name: cell for cell, name in CELL_NAMES.items()}  # "top left" -> 
 
 def cell_labels(layout: dict) -> dict[str, list[str | None]]:
     """What each cell of a scene holds, in raster order, as the sharpen stage's heads learn
-    it: "object" is "empty", "emoji" (the test split's glyphs are never seen in training,
-    so only the kind can be learned) or kind:key ("shape:star", "fashion:sandal",
+    it: "object" is "empty", "emoji" (about a thousand names, a dozen training scenes each:
+    only the kind is learned) or kind:key ("shape:star", "fashion:sandal",
     "clipart:arrow"); "colour" is a shape's colour, null elsewhere (not scored)."""
     objects: list[str | None] = ["empty"] * CELLS_PER_SIDE**2
     colours: list[str | None] = [None] * CELLS_PER_SIDE**2
