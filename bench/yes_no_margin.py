@@ -31,8 +31,11 @@ sys.path.insert(0, str(REPO))
 
 
 def yes_no_rows(path: Path, limit: int = 0, seed: int = 0) -> list[dict]:
-    """The rows of a triples file whose answer is "yes" or "no" (all, or a seeded sample of `limit`)."""
-    rows = [row for row in map(json.loads, path.read_text().splitlines()) if row["answer"].lower() in ("yes", "no")]
+    """The rows of a triples file whose answer is "yes" or "no" as the eval reads it (all, or
+    a seeded sample of `limit`)."""
+    from training.evaluate import normalize_answer
+
+    rows = [row for row in map(json.loads, path.read_text().splitlines()) if normalize_answer(row["answer"]) in ("yes", "no")]
     if limit and limit < len(rows):
         rows = random.Random(seed).sample(rows, limit)
     return rows
@@ -60,13 +63,13 @@ def margins(bundle: str, rows: list[dict], image_root: Path) -> list[float]:
 
 
 def f1_at(scores: list[float], truth: list[bool], threshold: float) -> tuple[float, float]:
-    """(F1 of "yes", "yes" share) when every score above `threshold` is answered "yes"."""
-    said = [s > threshold for s in scores]
-    tp = sum(s and t for s, t in zip(said, truth))
-    fp = sum(s and not t for s, t in zip(said, truth))
-    fn = sum(t and not s for s, t in zip(said, truth))
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    return f1, sum(said) / len(said)
+    """(F1 of "yes", "yes" share) when every score above `threshold` is answered "yes",
+    scored by the eval's own `yes_no_scores`."""
+    from training.evaluate import VQAItem, yes_no_scores
+
+    result = yes_no_scores([VQAItem("yes" if s > threshold else "no", "yes" if t else "no", None)
+                            for s, t in zip(scores, truth)])
+    return result["f1"], result["yes_share"]
 
 
 def best_threshold(scores: list[float], truth: list[bool]) -> tuple[float, float]:
@@ -94,8 +97,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from training.evaluate import normalize_answer
+
     test = yes_no_rows(args.test)
-    truth = [row["answer"].lower() == "yes" for row in test]
+    truth = [normalize_answer(row["answer"]) == "yes" for row in test]
     scores = margins(args.model, test, args.test.parent)
     f1, share = f1_at(scores, truth, 0.0)
     top, top_f1 = best_threshold(scores, truth)
@@ -106,7 +111,7 @@ def main() -> None:
     print(f"| {top:+.2f}, best on the test answers (a ceiling) | {100 * top_f1:.1f} % | {100 * top_share:.1f} % |")
     if args.val:
         val = yes_no_rows(args.val, args.val_questions, args.seed)
-        val_truth = [row["answer"].lower() == "yes" for row in val]
+        val_truth = [normalize_answer(row["answer"]) == "yes" for row in val]
         val_scores = margins(args.model, val, args.val.parent)
         picked, val_f1 = best_threshold(val_scores, val_truth)
         f1_val, share_val = f1_at(scores, truth, picked)

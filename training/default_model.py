@@ -1725,10 +1725,9 @@ def report(scores: dict, knowledge: dict | None, state: dict | None) -> str:
 
 # -- scoring a shipped model again ------------------------------------------------------------
 
-# What `reevaluate` holds against the recorded scores, besides each question type's accuracy:
-# (label, how to read it from scores.json).
+# What `reevaluate` holds against the recorded scores after the overall accuracy and each
+# question type's: (label, how to read it from scores.json).
 RECORDED_MEASURES = (
-    ("VQA accuracy, overall", lambda s: s["accuracy"]),
     ("yes/no F1", lambda s: s["yes_no"]["f1"]),
     ("yes/no precision", lambda s: s["yes_no"]["precision"]),
     ("yes/no recall", lambda s: s["yes_no"]["recall"]),
@@ -1739,8 +1738,8 @@ RECORDED_MEASURES = (
 
 
 def score_differences(recorded: dict, now: dict) -> dict[str, tuple[float | None, float | None]]:
-    """measure -> (now, recorded) for every measure of RECORDED_MEASURES and every question
-    type's accuracy that either run has and the two do not give alike (to 1e-9; greedy
+    """measure -> (now, recorded) for the overall accuracy, every question type's accuracy
+    and every measure of RECORDED_MEASURES that either run has and the two do not give alike (to 1e-9; greedy
     decoding of the same model on the same questions gives the same answers, so a
     difference is a changed answer)."""
     def read(scores: dict, how) -> float | None:
@@ -1750,8 +1749,9 @@ def score_differences(recorded: dict, now: dict) -> dict[str, tuple[float | None
             return None
 
     types = sorted({*recorded.get("by_type", {}), *now.get("by_type", {})})
-    measures = (*RECORDED_MEASURES[:1], *((f"{name} accuracy", lambda s, name=name: s["by_type"][name]["accuracy"])
-                                          for name in types), *RECORDED_MEASURES[1:])
+    measures = (("VQA accuracy, overall", lambda s: s["accuracy"]),
+                *((f"{name} accuracy", lambda s, name=name: s["by_type"][name]["accuracy"]) for name in types),
+                *RECORDED_MEASURES)
     differences = {}
     for label, how in measures:
         a, b = read(now, how), read(recorded, how)
