@@ -98,13 +98,20 @@ def by_named_kind(rows: list[dict], layouts: dict[str, dict]) -> dict[str, dict[
 
 
 OUTCOMES = ("right", "another object of the scene", "right colour, wrong shape", "right shape, wrong colour",
-            "not in the scene")
+            "another of its kind", "not in the scene")
 
 
-def naming_errors(rows: list[dict], layouts: dict[str, dict]) -> dict[str, Counter]:
+def naming_errors(rows: list[dict], layouts: dict[str, dict], swaps: Counter | None = None) -> dict[str, Counter]:
     """kind of the object asked about -> outcome (one of OUTCOMES) -> questions, for the object questions
-    that name a cell ("What is in the top left?") on scenes in `layouts`."""
+    that name a cell ("What is in the top left?") on scenes in `layouts`. "another of its kind"
+    is a garment, clip art or emoji named for one of its own kind that the scene lacks (a
+    name some scene in `layouts` holds): the thing was found and its kind told, not its name.
+    `swaps`, when given, counts those answers by (kind, the object's name, the name said)."""
     table: dict[str, Counter] = defaultdict(Counter)
+    names_of_kind: dict[str, set[str]] = defaultdict(set)
+    for layout in layouts.values():
+        for obj in layout["objects"]:
+            names_of_kind[obj["kind"]].add(normalize_answer(obj["name"]))
     for row in rows:
         if row.get("type") != "object" or "question" not in row:
             continue
@@ -122,6 +129,10 @@ def naming_errors(rows: list[dict], layouts: dict[str, dict]) -> dict[str, Count
             outcome = "right colour, wrong shape"
         elif truth["kind"] == "shape" and said.split()[-1:] == [truth["key"]]:
             outcome = "right shape, wrong colour"
+        elif truth["kind"] != "shape" and said in names_of_kind[truth["kind"]]:
+            outcome = "another of its kind"
+            if swaps is not None:
+                swaps[truth["kind"], normalize_answer(truth["name"]), said] += 1
         else:
             outcome = "not in the scene"
         table[truth["kind"]][outcome] += 1
@@ -190,13 +201,19 @@ def main() -> None:
     if args.layouts:
         layouts = {row["image"]: row for row in _read_jsonl(Path(args.layouts))}
         if args.naming:
-            table = naming_errors(rows, layouts)
+            swaps: Counter = Counter()
+            table = naming_errors(rows, layouts, swaps)
             print(f"{path}: object questions about a cell, by the kind of object there")
             print("| kind | asked | " + " | ".join(OUTCOMES) + " |")
             print("|---|---|" + "---|" * len(OUTCOMES))
             for kind, counts in sorted(table.items(), key=lambda item: -sum(item[1].values())):
                 n = sum(counts.values())
                 print(f"| {kind} | {n} | " + " | ".join(f"{100 * counts[o] / n:.0f} % ({counts[o]})" for o in OUTCOMES) + " |")
+            print("\nanother of its kind, the most common swaps:")
+            print("| kind | the object | named as | times |")
+            print("|---|---|---|---|")
+            for (kind, truth, said), n in swaps.most_common(12):
+                print(f"| {kind} | {truth} | {said} | {n} |")
             return
         if args.counting:
             table = counting_errors(rows, layouts)

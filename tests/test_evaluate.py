@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from PIL import Image
 
@@ -165,7 +166,8 @@ def test_naming_errors_tell_a_wrong_cell_from_a_wrong_shape():
         {"name": "red circle", "kind": "shape", "color": "red", "key": "circle", "count": 1, "cells": ["top left"]},
         {"name": "blue star", "kind": "shape", "color": "blue", "key": "star", "count": 1, "cells": ["center"]},
         {"name": "t-shirt", "kind": "fashion", "color": None, "key": "T-shirt/top", "count": 1, "cells": ["bottom right"]}]}
-    layouts = {"images/test/scene/000001.png": scene}
+    other = {"objects": [{"name": "coat", "kind": "fashion", "color": None, "key": "Coat", "count": 1, "cells": ["center"]}]}
+    layouts = {"images/test/scene/000001.png": scene, "images/test/scene/000002.png": other}
 
     def asked(cell: str, prediction: str, correct: bool = False) -> dict:
         return {"image": "/c/images/test/scene/000001.png", "question": f"What is in the {cell}?",
@@ -173,14 +175,16 @@ def test_naming_errors_tell_a_wrong_cell_from_a_wrong_shape():
 
     rows = [asked("top left", "a red circle", True), asked("top left", "a blue star"), asked("top left", "a red square"),
             asked("center", "a green star"), asked("center", "an orange cross"), asked("bottom right", "A T-shirt."),
-            asked("bottom right", "a coat"),
+            asked("bottom right", "a coat"), asked("bottom right", "a sandal"), asked("bottom right", "a blue star"),
             {"image": "/c/images/test/scene/000001.png", "question": "What is shown in the image?",  # no cell: left out
              "prediction": "x", "correct": False, "type": "object"},
             asked("center", "2") | {"type": "count"}]
-    assert naming_errors(rows, layouts) == {
+    swaps = Counter()
+    assert naming_errors(rows, layouts, swaps) == {
         "shape": {"right": 1, "another object of the scene": 1, "right colour, wrong shape": 1,
                   "right shape, wrong colour": 1, "not in the scene": 1},
-        "fashion": {"another object of the scene": 1, "not in the scene": 1}}
+        "fashion": {"another object of the scene": 2, "another of its kind": 1, "not in the scene": 1}}
+    assert swaps == {("fashion", "t shirt", "coat"): 1}
 
 
 def test_counting_errors_tell_counting_the_scene_from_finding_one_kind_in_it():

@@ -79,6 +79,73 @@ def test_cell_probe_takes_each_cell_of_every_non_emoji_object_and_its_patches(tm
         cell_patches(8, 0, 0)
 
 
+def test_cell_pixels_are_the_one_cell_of_the_scene():
+    from PIL import Image, ImageDraw
+
+    from bench.cell_probe import cell_pixels
+
+    image = Image.new("RGB", (96, 96), "white")
+    ImageDraw.Draw(image).rectangle((64, 32, 95, 63), fill=(255, 0, 0))  # the middle right cell
+    red = cell_pixels(image, (1, 2))
+    assert red.shape == (32 * 32 * 3,)
+    assert red.view(32, 32, 3)[..., 0].eq(1).all() and red.view(32, 32, 3)[..., 1:].eq(0).all()
+    assert cell_pixels(image, (1, 1)).eq(1).all()  # its white neighbour
+    assert cell_pixels(image.convert("L"), (1, 2)).shape == (32 * 32 * 3,)  # grey scenes as RGB
+
+
+def test_scene_features_by_layer_are_each_hidden_states_own_cell_tokens(tmp_path, tiny_parts):
+    from PIL import Image
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from bench.cell_probe import layer_specs, scene_features_by_layer
+    from tests.conftest import build_tiny_bundle
+    from training.sharpen import cell_patches
+    from vlm_chat.images import load_image
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=24, patch_size=4)).save_pretrained(tmp_path / "clip")  # a 6x6 grid
+    model, processor = build_tiny_bundle({**tiny_parts, "vision": tmp_path / "clip"}, tmp_path / "bundle")
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for seed, path in enumerate(paths):
+        Image.fromarray((torch.rand(24, 24, 3, generator=torch.Generator().manual_seed(seed)) * 255).byte().numpy()).save(path)
+    items = [(paths[0], (1, 2), "shape", "shape:star"), (paths[1], (0, 0), "fashion", "fashion:sandal")]
+    tower = model.vision_tower
+    kept = tower.feature_layer
+    assert layer_specs("0,2,2+0") == [(0,), (2,), (2, 0)]
+    out = scene_features_by_layer(tower, processor, items, layer_specs("0,2,2+0"), batch=1)
+    assert tower.feature_layer == kept
+    assert list(out) == [f"in the scene, hidden state {spec}" for spec in ("0", "2", "2+0")]
+    for k, (path, cell, *_rest) in enumerate(items):
+        with torch.no_grad():
+            hidden = tower.model(processor.preprocess_images([load_image(path)]), output_hidden_states=True).hidden_states
+        for layer in (0, 2):
+            expected = hidden[layer][0, 1:][cell_patches(6, *cell)].flatten()  # CLS dropped, as the tower does
+            assert torch.allclose(out[f"in the scene, hidden state {layer}"][k], expected, atol=1e-5)
+        both = torch.cat([hidden[2][0, 1:], hidden[0][0, 1:]], dim=-1)[cell_patches(6, *cell)].flatten()
+        assert torch.allclose(out["in the scene, hidden state 2+0"][k], both, atol=1e-5)
+    assert not torch.allclose(out["in the scene, hidden state 0"], out["in the scene, hidden state 2"])
+
+
+def test_minibatch_probe_learns_in_passes_and_scores_by_kind():
+    from bench.cell_probe import by_kind, minibatch_probe
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=generator) * 3
+    y = torch.arange(300) % 3
+    x = centres[y] + torch.randn(300, 16, generator=generator)
+    on_train, on_test = minibatch_probe(x[:240], y[:240], x[240:], 3, epochs=20)
+    assert on_train.shape == (240,) and on_test.shape == (60,)
+    assert (on_test == y[240:]).float().mean() > 0.95 and (on_train == y[:240]).float().mean() > 0.95
+    # random labels on more dimensions than rows: only many passes memorise them
+    noise, labels = torch.randn(90, 200, generator=generator), torch.randint(0, 3, (90,), generator=generator)
+    once, _ = minibatch_probe(noise, labels, noise[:5], 3, epochs=1)
+    often, _ = minibatch_probe(noise, labels, noise[:5], 3, epochs=100)
+    assert (often == labels).all() and (once == labels).float().mean() < 0.9
+    items = [(None, None, "shape"), (None, None, "clipart"), (None, None, "shape"), (None, None, "shape")]
+    assert by_kind(torch.tensor([True, False, False, True]), items, ["clipart", "shape"]) == pytest.approx([0.0, 2 / 3])
+
+
 def test_held_pairs_split_each_type_by_whether_a_held_out_pair_is_named(tmp_path):
     from bench.held_pairs import by_type, held_pairs
 
@@ -244,3 +311,21 @@ def test_yes_no_margin_scores_thresholds_as_the_eval_scores_answers(tmp_path):
     assert -2.0 < threshold < -1.0 and best == pytest.approx(6 / 7)  # "yes" above -2: tp 3, fp 1, fn 0
     assert roc_auc(scores, truth) == pytest.approx(5 / 6)  # of 6 (yes, no) pairs, (-1.0, 0.5) is the one misordered
     assert roc_auc([1.0, 1.0], [True, False]) == 0.5
+
+
+def test_answer_states_are_each_questions_own_last_token_state_despite_padding(tmp_path, tiny_bundle, images):
+    from bench.answer_probe import answer_states, conversation
+
+    _, model, processor = tiny_bundle
+    model.eval()
+    path = tmp_path / "scene.png"
+    images[0].save(path)
+    items = [(path, (0, 0), "shape", "shape:star"), (path, (1, 1), "fashion", "fashion:coat")]  # "top left", "center"
+    assert conversation(path, (1, 1))[0]["content"][1]["text"] == "What is in the center?"
+    states = answer_states(model, processor, items, [0, 2], batch=2)
+    assert set(states) == {0, 2} and states[2].shape == (2, model.language_model.config.hidden_size)
+    for k, (image, cell, *_rest) in enumerate(items):
+        alone = answer_states(model, processor, [(image, cell)], [0, 2], batch=1)  # no padding
+        for layer in (0, 2):
+            assert torch.allclose(states[layer][k], alone[layer][0], atol=1e-4)
+    assert not torch.allclose(states[2][0], states[2][1])  # the questions differ

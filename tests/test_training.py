@@ -353,6 +353,7 @@ def test_the_step_profile_lists_the_dropout_masks_only_when_there_is_dropout(bun
 
     with_dropout = run("--lora-dropout", "0.5")
     assert "batch 2" in with_dropout and "LoRA dropout 0.5, fp32" in with_dropout and "aten::mm" in with_dropout
+    assert "matrix products: " in with_dropout and "one 2048^3 fp32 product here: " in with_dropout
     assert "aten::bernoulli_" in with_dropout
     without = run("--lora-dropout", "0", "--bf16")
     assert "LoRA dropout 0.0, bf16" in without and "aten::bernoulli_" not in without
@@ -360,6 +361,22 @@ def test_the_step_profile_lists_the_dropout_masks_only_when_there_is_dropout(bun
                                       "--batch-size", "8"])
     with pytest.raises(SystemExit, match="has 16 rows; 6 steps of 8 needs 48"):
         profile_step.main()
+
+
+def test_the_step_profile_counts_matrix_product_work_and_compiles_every_decoder_layer(bundle, triples):
+    from types import SimpleNamespace
+
+    from bench.bench_train import bare_setup
+    from bench.profile_step import compile_decoder_layers, matmul_ceiling, matmul_work
+
+    events = [SimpleNamespace(key="aten::mm", flops=3e9, self_cpu_time_total=2e6),
+              SimpleNamespace(key="aten::addmm", flops=1e9, self_cpu_time_total=1e6),
+              SimpleNamespace(key="aten::mul", flops=5e8, self_cpu_time_total=4e6)]  # not a product
+    assert matmul_work(events) == (4e9, 3.0)
+    assert matmul_ceiling(64, repeats=2) > 0
+    model, _, _ = bare_setup(str(bundle), triples, 2, 1)
+    layers = model.language_model.get_base_model().config.num_hidden_layers
+    assert compile_decoder_layers(model) == layers  # compiled lazily: nothing runs until a forward
 
 
 def test_the_bare_loop_trains_the_same_batches_the_profiler_does(bundle, triples):

@@ -130,7 +130,7 @@ class VisionLanguageModel(nn.Module):
         SmolLM2, a fifth of its weights) runs only where a label is, not on every image,
         prompt and template token, which makes a training step cheaper."""
         causal_lm = self.language_model.get_base_model() if is_lora(self.language_model) else self.language_model
-        hidden = causal_lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        hidden = causal_lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != -100
         logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
