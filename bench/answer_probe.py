@@ -9,7 +9,9 @@ the name is lost. Every occupied non-emoji cell of the first `--train` training 
 `--test` test scenes (cell_probe's cells) is asked "What is in the <cell>?" with its
 scene, as the eval asks, and the LLM's hidden state at the last prompt token, where the
 answer starts, is kept from each layer in `--layers` (0: that token's own embedding,
-which knows nothing of the image: the floor). The same linear probe as cell_probe's then
+which knows nothing of the image: the floor). The answers read "a coat", so the name
+itself starts one token later: `--first-answer` also keeps the states after the model's
+own greedy first answer token. The same linear probe as cell_probe's then
 learns the object's name from each, next to the probe on the vision tower's tokens of
 the cell that the projector reads (the ceiling the LLM starts from).
 
@@ -42,19 +44,38 @@ def conversation(image: Path, cell: tuple[int, int]) -> list[dict]:
                                          {"type": "text", "text": QUESTION.format(CELL_NAMES[cell])}]}]
 
 
+LAST_PROMPT, FIRST_ANSWER = "last prompt token", "its own first answer token"
+
+
 @torch.no_grad()
-def answer_states(model, processor, items, layers: list[int], batch: int = 16) -> dict[int, torch.Tensor]:
-    """layer -> (cells, hidden size): the LLM's hidden state at the last prompt token of
-    each item's question (prompts are left-padded, so that is the last position)."""
-    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+def answer_states(model, processor, items, layers: list[int], batch: int = 16,
+                  first_answer: bool = False) -> dict[str, dict[int, torch.Tensor]]:
+    """position -> layer -> (cells, hidden size): the LLM's hidden states at the last
+    prompt token of each item's question (prompts are left-padded, so that is the last
+    position) and, with `first_answer`, one step on: after the model's own greedy first
+    answer token (mostly "a" or "an"), where the name itself starts."""
+    positions = [LAST_PROMPT, FIRST_ANSWER] if first_answer else [LAST_PROMPT]
+    parts: dict[str, dict[int, list[torch.Tensor]]] = {p: {layer: [] for layer in layers} for p in positions}
+
+    def keep(position: str, hidden) -> None:
+        for layer in layers:
+            parts[position][layer].append(hidden[layer][:, -1].float().clone())  # not a view: the batch is let go
+
+    llm = model.language_model
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
         inputs = processor([conversation(path, cell) for path, cell, *_rest in chunk])
-        hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       pixel_values=inputs["pixel_values"], output_hidden_states=True).hidden_states
-        for layer in layers:
-            parts[layer].append(hidden[layer][:, -1].float().clone())  # not a view: the batch's states are let go
-    return {layer: torch.cat(chunks) for layer, chunks in parts.items()}
+        mask = inputs["attention_mask"]
+        out = llm(inputs_embeds=model.embed(inputs["input_ids"], inputs["pixel_values"]), attention_mask=mask,
+                  use_cache=first_answer, output_hidden_states=True, logits_to_keep=1)
+        keep(LAST_PROMPT, out.hidden_states)
+        if first_answer:
+            token = out.logits[:, -1].argmax(-1, keepdim=True)  # (n, 1), greedy
+            mask = torch.cat([mask, mask.new_ones(len(chunk), 1)], dim=1)
+            out = llm(input_ids=token, attention_mask=mask, cache=out.cache, use_cache=True,
+                      output_hidden_states=True, logits_to_keep=1)
+            keep(FIRST_ANSWER, out.hidden_states)
+    return {p: {layer: torch.cat(chunks) for layer, chunks in by_layer.items()} for p, by_layer in parts.items()}
 
 
 def main() -> None:
@@ -65,6 +86,8 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=400, help="test-split scenes")
     parser.add_argument("--layers", default="0,6,12,18,24,30", help="LLM hidden states (0: embeddings)")
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--first-answer", action="store_true",
+                        help="also probe one token on, after the model's own first answer token")
     args = parser.parse_args()
 
     from vlm_chat.defaults import resolve_model
@@ -84,8 +107,9 @@ def main() -> None:
     train_x = {tower: next(iter(scene_features_by_layer(model.vision_tower, processor, train, [spec]).values()))}
     test_x = {tower: next(iter(scene_features_by_layer(model.vision_tower, processor, test, [spec]).values()))}
     for split, items, out in (("train", train, train_x), ("test", test, test_x)):
-        states = answer_states(model, processor, items, layers)
-        out.update({f"LLM hidden state {layer}, last prompt token": states[layer] for layer in layers})
+        states = answer_states(model, processor, items, layers, first_answer=args.first_answer)
+        out.update({f"LLM hidden state {layer}, {position}": by_layer[layer]
+                    for position, by_layer in states.items() for layer in layers})
         print(f"{split}: {len(items)} questions in {time.perf_counter() - start:.0f} s", flush=True)
     print(f"{len(train)} / {len(test)} cells of {args.train} / {args.test} scenes, {classes} names; "
           "linear probe, test accuracy")

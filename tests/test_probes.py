@@ -322,10 +322,21 @@ def test_answer_states_are_each_questions_own_last_token_state_despite_padding(t
     images[0].save(path)
     items = [(path, (0, 0), "shape", "shape:star"), (path, (1, 1), "fashion", "fashion:coat")]  # "top left", "center"
     assert conversation(path, (1, 1))[0]["content"][1]["text"] == "What is in the center?"
-    states = answer_states(model, processor, items, [0, 2], batch=2)
-    assert set(states) == {0, 2} and states[2].shape == (2, model.language_model.config.hidden_size)
+    states = answer_states(model, processor, items, [0, 2], batch=2, first_answer=True)
+    assert set(states) == {"last prompt token", "its own first answer token"}
+    assert set(states["last prompt token"]) == {0, 2}
+    assert states["last prompt token"][2].shape == (2, model.language_model.config.hidden_size)
     for k, (image, cell, *_rest) in enumerate(items):
         alone = answer_states(model, processor, [(image, cell)], [0, 2], batch=1)  # no padding
+        assert set(alone) == {"last prompt token"}
         for layer in (0, 2):
-            assert torch.allclose(states[layer][k], alone[layer][0], atol=1e-4)
-    assert not torch.allclose(states[2][0], states[2][1])  # the questions differ
+            assert torch.allclose(states["last prompt token"][layer][k], alone["last prompt token"][layer][0], atol=1e-4)
+        # one step on is the prompt with the model's own first answer token appended, run whole
+        inputs = processor(conversation(image, cell))
+        with torch.no_grad():
+            first = model(**inputs).logits[0, -1].argmax()
+            longer = torch.cat([inputs["input_ids"], first.view(1, 1)], dim=1)
+            hidden = model(input_ids=longer, attention_mask=torch.ones_like(longer), pixel_values=inputs["pixel_values"],
+                           output_hidden_states=True).hidden_states
+        assert torch.allclose(states["its own first answer token"][2][k], hidden[2][0, -1], atol=1e-4)
+    assert not torch.allclose(states["last prompt token"][2][0], states["last prompt token"][2][1])  # the questions differ
