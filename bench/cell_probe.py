@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.attention_probe import CELLS  # noqa: E402
-from bench.probe_vision import probe  # noqa: E402
+from bench.probe_vision import probe, standardise  # noqa: E402
 from training.corpus.scenes import GRID  # noqa: E402
 from training.sharpen import cell_patches  # noqa: E402
 
@@ -138,8 +138,7 @@ def minibatch_probe(train_x, train_y, test_x, classes: int, epochs: int, batch: 
     """A linear probe on standardised features fit by AdamW in shuffled minibatches, each
     training row seen `epochs` times; returns its predictions on (the training rows, the
     test rows)."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_x, test_x = standardise(train_x, test_x)
     torch.manual_seed(0)
     head = torch.nn.Linear(train_x.shape[1], classes)
     optim = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-2)
@@ -201,10 +200,10 @@ def main() -> None:
         train_x, test_x = (scene_features_by_layer(model.vision_tower, processor, items, specs) for items in (train, test))
     else:
         train_x, test_x = features(model.vision_tower, processor, train), features(model.vision_tower, processor, test)
-    kinds = sorted({item[2] for item in test})
     print(f"{len(train)} / {len(test)} cells of {args.train} / {args.test} scenes, {classes} names, "
           f"features in {time.perf_counter() - start:.0f} s; linear probe, test accuracy")
     if args.epochs:
+        kinds = sorted({item[2] for item in test})
         print("| features | epochs | test: all | " + " | ".join(kinds) + " | training cells: "
               + " | ".join(kinds) + " |")
         print("|---|---|---|" + "---|" * 2 * len(kinds))

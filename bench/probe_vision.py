@@ -96,12 +96,17 @@ def layer_change(model, processor, paths: list[Path]) -> tuple[float, float, int
     return torch.cat(image).median().item(), torch.cat(text).median().item(), layers
 
 
+def standardise(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both feature sets scaled by the training set's mean and spread per feature."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    return (train_x - mean) / std, (test_x - mean) / std
+
+
 def probe(train_x, train_y, test_x, test_y, classes: int | None, steps: int = 300, predict: bool = False):
     """A linear probe fit full-batch on standardised features: test accuracy (with `classes`), or
     (per-label accuracy, all labels right) for multi-label targets; `predict` returns the test
     predictions instead."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_x, test_x = standardise(train_x, test_x)
     torch.manual_seed(0)
     head = torch.nn.Linear(train_x.shape[1], classes or train_y.shape[1])
     optim = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
