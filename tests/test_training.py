@@ -446,3 +446,82 @@ def test_position_embedding_and_word_scale_join_a_trained_bundle(bundle, triples
     assert train("--stage", "instruct", "--model", tuned, "--data", triples, "--out", tmp_path / "frozen",
                  "--max-steps", 1, "--projector", "frozen", "--position-embedding") == 2
     assert "use --projector full" in capsys.readouterr().err
+
+
+# -- --top-layers: the last layers train on cached inputs -------------------------------------
+
+
+def test_top_layers_from_cached_inputs_give_the_whole_model_s_loss_and_gradients(bundle, triples):
+    """What layer k receives, cached once, stands in for the image, tower, projector and
+    lower layers: the loss and the top layers' gradients are those of the whole model."""
+    from functools import partial
+
+    from training.data import ConversationDataset, collate
+    from training.top_layers import cache_layer_inputs, collate_layer_inputs, first_trained_layer, freeze_below
+    from training.vlm import prepare_samples
+
+    model, processor = VisionLanguageModel.from_pretrained(bundle, device="cpu")
+    plan = TrainablePlan(vision="frozen", projector="frozen", llm="lora")
+    apply_plan(model, plan, LoraSettings(r=4))
+    with torch.no_grad():  # as if trained: a fresh adapter's B is zero, and A would get no gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    assert model.llm_layer_count == 2
+    split = first_trained_layer(model, 1, plan)
+    freeze_below(model, split)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".layers.1." in n and "lora_" in n for n in trained)
+    samples = prepare_samples([str(triples)], processor, model.max_context, False, "training")[:5]
+    dataset = ConversationDataset(samples, processor, model.max_context)
+    pad = partial(collate, pad_id=processor.tokenizer.pad_token_id)
+    cached = cache_layer_inputs(model, dataset, pad, split, batch_size=2)  # three batches, sorted by length
+    assert len(cached) == 5 and cached.lengths() == dataset.lengths()
+    assert [x.shape for x in cached.inputs] == [(n, model.projector.llm_dim) for n in dataset.lengths()]
+    model.eval()
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch, loss_only=True).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, whole_grads = loss_and_grads(pad([dataset[i] for i in range(5)]))
+    top, top_grads = loss_and_grads(collate_layer_inputs([cached[i] for i in range(5)], split))
+    torch.testing.assert_close(top, whole, atol=1e-5, rtol=1e-5)
+    assert top_grads.keys() == whole_grads.keys() == trained
+    for name, grad in whole_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(top_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="loss_only"):
+        model(layer_inputs=cached[0]["layer_inputs"][None])
+
+
+def test_top_layers_training_changes_only_the_top_layers_and_refuses_what_a_cache_cannot_serve(
+        bundle, triples, tmp_path, capsys):
+    tuned = tmp_path / "tuned"
+    assert train("--stage", "instruct", "--model", bundle, "--data", triples, "--out", tuned, "--max-steps", 2,
+                 "--batch-size", 4, "--lora-r", 4, "--val-fraction", 0) == 0
+    out = tmp_path / "top"
+    assert train("--stage", "instruct", "--model", tuned, "--data", triples, "--out", out, "--top-layers", 1,
+                 "--projector", "frozen", "--max-steps", 30, "--batch-size", 8, "--lr", 1e-2, "--lora-dropout", 0,
+                 "--warmup", 0, "--val", triples, "--log-every", 5) == 0
+    assert "the inputs of layer 1 for 16 + 16 samples" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0], losses  # one rank-4 layer of a random LLM learns slowly
+    assert any("eval_loss" in r for r in records)
+    before = load_file(tuned / "adapter" / "adapter_model.safetensors")
+    after = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value) == (".layers.0." in key), key
+    assert load_file(out / "projector.safetensors").keys() == load_file(tuned / "projector.safetensors").keys()
+    for key, value in load_file(tuned / "projector.safetensors").items():
+        assert torch.equal(load_file(out / "projector.safetensors")[key], value), key
+
+    common = ["--stage", "instruct", "--model", tuned, "--data", triples, "--max-steps", 1, "--val-fraction", 0]
+    assert train(*common, "--out", tmp_path / "moving", "--top-layers", 1) == 2  # the projector trains by default
+    assert "--projector frozen" in capsys.readouterr().err
+    assert train(*common, "--out", tmp_path / "all", "--top-layers", 2, "--projector", "frozen") == 2
+    assert "has 2 decoder layers; give 1 to 1" in capsys.readouterr().err

@@ -178,6 +178,10 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     vlm.add_argument("--match-word-scale", action="store_true",
                      help="before training, scale the projector's output so image tokens have the mean norm of the "
                      "LLM's word embeddings (measured on 64 training images; saved as projector.output_scale)")
+    vlm.add_argument("--top-layers", type=int, metavar="N",
+                     help="train only the LoRA of the LLM's last N decoder layers: what the frozen rest computes is "
+                     "cached once, so an epoch costs about N / layers of a full one (needs --vision frozen --projector "
+                     "frozen --llm lora)")
     vlm.add_argument("--qlora", action="store_true", help="load the LLM in 4-bit (bitsandbytes NF4) and train LoRA on it")
     vlm.add_argument("--val-fraction", type=float, help="share of --data held out for eval loss when no --val (0.02)")
     vlm.add_argument("--skip-bad", action="store_true", help="train on the good rows when some rows are bad")

@@ -19,6 +19,7 @@ import torch
 
 from adapters.lora import LoraSettings
 from training.data import ConversationDataset, DataError, Problem, check_samples, collate
+from training.top_layers import cached_datasets, first_trained_layer, freeze_below
 from training.trainable import TrainablePlan, apply_plan, trainable_summary
 from training.trainer import TrainConfig, param_groups, train, train_config_from
 from vlm_chat.errors import ConfigError
@@ -50,6 +51,7 @@ class VLMStageConfig:
     match_word_scale: bool = False  # rescale image tokens to the norm of the LLM's word embeddings
     skip_bad: bool = False
     device: str = "auto"
+    top_layers: int = 0  # > 0: only the LoRA of the LLM's last N layers trains, on cached inputs (training/top_layers.py)
 
 
 def config_from_settings(stage: str, settings: dict) -> VLMStageConfig:
@@ -74,6 +76,7 @@ def config_from_settings(stage: str, settings: dict) -> VLMStageConfig:
         position_embedding=bool(rest.pop("position_embedding", False)),
         match_word_scale=bool(rest.pop("match_word_scale", False)),
         skip_bad=bool(rest.pop("skip_bad", False)), device=rest.pop("device", "auto"),
+        top_layers=int(rest.pop("top_layers", 0) or 0),
     )
     if rest:
         raise ConfigError(f"settings not used by stage {stage}: {sorted(rest)}")
@@ -114,6 +117,7 @@ def run(config: VLMStageConfig):
     if config.position_embedding and model.add_position_embedding():
         print(f"projector: added a learned position per image token ({model.projector_tokens} x "
               f"{model.projector.llm_dim}, zeros)")
+    split = first_trained_layer(model, config.top_layers, config.plan) if config.top_layers else 0
     max_length = model.max_context
     samples = prepare_samples(config.data, processor, max_length, config.skip_bad, "training")
     if config.val:
@@ -139,6 +143,8 @@ def run(config: VLMStageConfig):
 
     torch.manual_seed(config.train.seed)  # LoRA's random init depends on the seed alone
     apply_plan(model, config.plan, config.lora, quantized_llm=config.qlora, adapter_dropout=config.adapter_dropout)
+    if split:
+        freeze_below(model, split)
     print(f"stage {config.stage}: {len(samples)} train / {len(val_samples)} val samples; {trainable_summary(model)}")
     wd = config.train.weight_decay
     groups = (
@@ -151,14 +157,15 @@ def run(config: VLMStageConfig):
     if config.plan.vision == "frozen":
         model.vision_tower.eval()
     pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    train_set = ConversationDataset(samples, processor, max_length)
+    eval_set = ConversationDataset(val_samples, processor, max_length) if val_samples else None
+    collate_fn = partial(collate, pad_id=pad)
+    if split:
+        train_set, eval_set, collate_fn = cached_datasets(model, split, train_set, eval_set, collate_fn,
+                                                          config.train.batch_size)
     result = train(
-        model,
-        lambda m, batch: m(**batch, loss_only=True).loss,
-        groups,
-        ConversationDataset(samples, processor, max_length),
-        partial(collate, pad_id=pad),
-        config.train,
-        eval_dataset=ConversationDataset(val_samples, processor, max_length) if val_samples else None,
+        model, lambda m, batch: m(**batch, loss_only=True).loss, groups, train_set, collate_fn, config.train,
+        eval_dataset=eval_set,
     )
     model.eval()
     out = Path(config.train.output_dir)

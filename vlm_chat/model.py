@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from adapters.lora import is_lora, load_lora, merge_lora
@@ -101,36 +102,79 @@ class VisionLanguageModel(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_only: bool = False,
+        layer_inputs: torch.Tensor | None = None,
+        from_layer: int = 0,
         **kwargs,
     ):
         """The LLM's output (logits, loss when `labels` are given). With `loss_only` the
         result holds just the loss, computed by `_supervised_loss` (what training calls,
-        through forward so multi-GPU wrappers see the call)."""
+        through forward so multi-GPU wrappers see the call). `layer_inputs` (B, T, D_lm)
+        stand for what decoder layer `from_layer` receives (from `llm_layers`, cached by
+        `--top-layers` training): only the layers from there on run."""
         if loss_only and labels is None:
             raise ValueError("loss_only needs labels")
-        inputs_embeds = self.embed(input_ids, pixel_values)
+        if layer_inputs is not None:
+            if not loss_only:
+                raise ValueError("layer_inputs are for the training loss (loss_only=True)")
+            hidden = layer_inputs.to(self.device)
+        else:
+            if from_layer:
+                raise ValueError("from_layer needs layer_inputs")
+            hidden = self.embed(input_ids, pixel_values)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         if labels is not None:
             labels = labels.to(self.device)
         if loss_only:
-            return CausalLMOutputWithPast(loss=self._supervised_loss(inputs_embeds, attention_mask, labels))
-        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+            return CausalLMOutputWithPast(loss=self._supervised_loss(hidden, attention_mask, labels, from_layer))
+        return self.language_model(inputs_embeds=hidden, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def _causal_lm(self) -> nn.Module:
+        return self.language_model.get_base_model() if is_lora(self.language_model) else self.language_model
+
+    @property
+    def llm_layer_count(self) -> int:
+        return len(self._causal_lm().get_decoder().layers)
+
+    def llm_layers(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, start: int, stop: int | None = None
+    ) -> torch.Tensor:
+        """Decoder layers [start, stop) on `hidden` (B, T, D_lm), set up as the decoder's own
+        forward sets them up (positions 0..T-1, the causal mask over right padding), without
+        the final norm. `llm_layers(embeds, mask, 0, k)` is what layer k receives."""
+        decoder = self._causal_lm().get_decoder()
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(
+            config=decoder.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+            position_ids=position_ids,
+        )
+        position_embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
+        for layer in decoder.layers[start:stop]:
+            hidden = layer(
+                hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
+                use_cache=False,
+            )
+        return hidden
 
     def _supervised_loss(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor, from_layer: int = 0
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over the supervised positions (labels != -100),
-        the same number `forward(labels=...).loss` gives. The output head (49k x 576 on
-        SmolLM2, a fifth of its weights) runs only where a label is, not on every image,
-        prompt and template token, which makes a training step cheaper."""
-        causal_lm = self.language_model.get_base_model() if is_lora(self.language_model) else self.language_model
-        hidden = causal_lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        the same number `forward(labels=...).loss` gives. `hidden` is the input embeddings,
+        or what layer `from_layer` receives. The output head (49k x 576 on SmolLM2, a fifth
+        of its weights) runs only where a label is, not on every image, prompt and template
+        token, which makes a training step cheaper."""
+        causal_lm = self._causal_lm()
+        decoder = causal_lm.get_decoder()
+        if from_layer:
+            hidden = decoder.norm(self.llm_layers(hidden, attention_mask, from_layer))
+        else:
+            hidden = decoder(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != -100
         logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
