@@ -310,18 +310,26 @@ def token_count(processor, sample: Sample) -> int:
     return len(encode_for_training(processor, sample.messages)[0])
 
 
-def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch (training never generates, so padding side is free)."""
-    width = max(len(item["input_ids"]) for item in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+def padded_labels(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Each item's labels right-padded with IGNORE_INDEX to the longest, and the attention
+    mask that marks the real positions (training never generates, so padding side is free)."""
+    width = max(len(item["labels"]) for item in batch)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, item in enumerate(batch):
-        n = len(item["input_ids"])
-        input_ids[row, :n] = torch.tensor(item["input_ids"])
+        n = len(item["labels"])
         labels[row, :n] = torch.tensor(item["labels"])
         attention_mask[row, :n] = 1
-    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return {"labels": labels, "attention_mask": attention_mask}
+
+
+def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: token ids with `pad_id`, labels and mask by `padded_labels`."""
+    out = padded_labels(batch)
+    input_ids = torch.full(out["labels"].shape, pad_id, dtype=torch.long)
+    for row, item in enumerate(batch):
+        input_ids[row, : len(item["input_ids"])] = torch.tensor(item["input_ids"])
+    out = {"input_ids": input_ids, **out}
     pixels = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]
     if pixels:
         out["pixel_values"] = torch.cat(pixels)  # (total images in batch, 3, S, S), in sample order

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from training.data import IGNORE_INDEX
+from training.data import padded_labels
 from vlm_chat.errors import ConfigError
 
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -71,18 +71,13 @@ class LayerInputs(Dataset):
 
 
 def collate_layer_inputs(batch: list[dict[str, Any]], from_layer: int) -> dict[str, Any]:
-    """Right-pad cached inputs (zeros, masked out) and labels, as `collate` pads token ids."""
-    width = max(len(item["labels"]) for item in batch)
-    dim = batch[0]["layer_inputs"].shape[-1]
-    inputs = torch.zeros((len(batch), width, dim), dtype=batch[0]["layer_inputs"].dtype)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    """Right-pad cached inputs (zeros, masked out), labels and mask as `collate` pads a batch."""
+    out = padded_labels(batch)
+    first = batch[0]["layer_inputs"]
+    inputs = torch.zeros((*out["labels"].shape, first.shape[-1]), dtype=first.dtype)
     for row, item in enumerate(batch):
-        n = len(item["labels"])
-        inputs[row, :n] = item["layer_inputs"]
-        labels[row, :n] = torch.tensor(item["labels"])
-        attention_mask[row, :n] = 1
-    return {"layer_inputs": inputs, "attention_mask": attention_mask, "labels": labels, "from_layer": from_layer}
+        inputs[row, : len(item["layer_inputs"])] = item["layer_inputs"]
+    return {"layer_inputs": inputs, **out, "from_layer": from_layer}
 
 
 @torch.no_grad()
@@ -119,7 +114,7 @@ def cache_layer_inputs(model, dataset: Dataset, collate_fn: Callable[[list], dic
 
 
 def check_split_forward(model, embeds: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor, split: int) -> None:
-    decoder = model._causal_lm().get_decoder()
+    decoder = model.causal_lm().get_decoder()
     whole = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
     parts = decoder.norm(model.llm_layers(hidden, mask, split))
     real = mask.bool()

@@ -134,12 +134,13 @@ class VisionLanguageModel(nn.Module):
             return CausalLMOutputWithPast(loss=self._supervised_loss(hidden, attention_mask, labels, from_layer))
         return self.language_model(inputs_embeds=hidden, attention_mask=attention_mask, labels=labels, **kwargs)
 
-    def _causal_lm(self) -> nn.Module:
+    def causal_lm(self) -> nn.Module:
+        """The LLM itself, under its LoRA wrapper when it has one."""
         return self.language_model.get_base_model() if is_lora(self.language_model) else self.language_model
 
     @property
     def llm_layer_count(self) -> int:
-        return len(self._causal_lm().get_decoder().layers)
+        return len(self.causal_lm().get_decoder().layers)
 
     def llm_layers(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, start: int, stop: int | None = None
@@ -147,7 +148,7 @@ class VisionLanguageModel(nn.Module):
         """Decoder layers [start, stop) on `hidden` (B, T, D_lm), set up as the decoder's own
         forward sets them up (positions 0..T-1, the causal mask over right padding), without
         the final norm. `llm_layers(embeds, mask, 0, k)` is what layer k receives."""
-        decoder = self._causal_lm().get_decoder()
+        decoder = self.causal_lm().get_decoder()
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = create_causal_mask(
             config=decoder.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
@@ -169,7 +170,7 @@ class VisionLanguageModel(nn.Module):
         or what layer `from_layer` receives. The output head (49k x 576 on SmolLM2, a fifth
         of its weights) runs only where a label is, not on every image, prompt and template
         token, which makes a training step cheaper."""
-        causal_lm = self._causal_lm()
+        causal_lm = self.causal_lm()
         decoder = causal_lm.get_decoder()
         if from_layer:
             hidden = decoder.norm(self.llm_layers(hidden, attention_mask, from_layer))
